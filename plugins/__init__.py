@@ -1,0 +1,1 @@
+"""Backend plugins: one package per backend (plugins/<name>/) plus the shared runtime."""

@@ -1,0 +1,1 @@
+"""The plugin runtime: the contract every backend implements and the machinery around it."""
