@@ -1,0 +1,90 @@
+"""Input rules every backend applies identically, so the same bad request gets the same
+INVALID_ARGUMENT (naming the field) whichever backend serves it."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from google.protobuf.duration_pb2 import Duration
+
+from plugins.runtime.errors import InvalidArgument
+
+MAX_KEY_BYTES = 1024
+MAX_VALUE_BYTES = 4 * 1024 * 1024
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+MAX_BATCH = 1000
+MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
+
+
+def key(value: str, field: str = "key") -> str:
+    if not value:
+        raise InvalidArgument(field, "must not be empty")
+    if len(value.encode("utf-8")) > MAX_KEY_BYTES:
+        raise InvalidArgument(field, f"longer than {MAX_KEY_BYTES} bytes")
+    return value
+
+
+def value(data: bytes, field: str = "value") -> bytes:
+    if len(data) > MAX_VALUE_BYTES:
+        raise InvalidArgument(field, f"larger than {MAX_VALUE_BYTES} bytes")
+    return data
+
+
+def keys(values: Iterable[str], field: str = "keys") -> list[str]:
+    result = list(values)
+    if not result:
+        raise InvalidArgument(field, "must not be empty")
+    if len(result) > MAX_BATCH:
+        raise InvalidArgument(field, f"more than {MAX_BATCH} entries")
+    for i, k in enumerate(result):
+        key(k, f"{field}[{i}]")
+    return result
+
+
+def page_size(size: int, field: str = "page_size") -> int:
+    """0 → default; above the maximum → the maximum (AIP-158); negative → INVALID_ARGUMENT."""
+    if size < 0:
+        raise InvalidArgument(field, "must not be negative")
+    if size == 0:
+        return DEFAULT_PAGE_SIZE
+    return min(size, MAX_PAGE_SIZE)
+
+
+def ttl_seconds(ttl: Duration, present: bool, field: str = "ttl") -> float:
+    if not present:
+        raise InvalidArgument(field, "is required")
+    seconds = ttl.seconds + ttl.nanos / 1e9
+    if seconds <= 0:
+        raise InvalidArgument(field, "must be positive")
+    if seconds > MAX_TTL_SECONDS:
+        raise InvalidArgument(field, "must be at most 10 years")
+    return seconds
+
+
+def encode_page_token(kind: str, scope: str, position: Any) -> str:
+    """An opaque token that remembers which listing it belongs to (`kind` + `scope`, e.g. the
+    scan prefix) and where to resume (`position`, e.g. the last key returned)."""
+    raw = json.dumps({"k": kind, "s": scope, "p": position}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode("utf-8")).decode("ascii").rstrip("=")
+
+
+def decode_page_token(token: str, kind: str, scope: str, field: str = "page_token") -> Any:
+    """The position stored in `token`, or None for the first page. A token from another listing
+    (different kind or scope) or not made by encode_page_token is INVALID_ARGUMENT."""
+    if not token:
+        return None
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        data = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+    except (ValueError, binascii.Error, UnicodeError) as exc:
+        raise InvalidArgument(field, "malformed page token") from exc
+    if not isinstance(data, dict) or data.get("k") != kind or "p" not in data:
+        raise InvalidArgument(field, "malformed page token")
+    if data.get("s") != scope:
+        raise InvalidArgument(field, "page token belongs to a different request")
+    return data["p"]
