@@ -1,0 +1,5 @@
+"""memstore: the in-memory backend plugin."""
+
+from plugins.memstore.plugin import MemstorePlugin
+
+__all__ = ["MemstorePlugin"]
