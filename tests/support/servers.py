@@ -76,7 +76,7 @@ class ThrowawayServer(ABC):
     def command(self) -> list[str]:
         """The server's command line."""
 
-    def prepare(self) -> None:
+    def prepare(self) -> None:  # noqa: B027 - an optional hook, empty by default
         """One-time setup before the first start (e.g. initdb)."""
 
     def start(self) -> None:
