@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from google.protobuf.duration_pb2 import Duration
 from prism.interfaces.keyvalue.v1 import keyvalue_basic_pb2 as basic
@@ -15,9 +16,9 @@ from plugins.memstore import MemstorePlugin
 from plugins.runtime.context import CallContext
 
 
-async def poll(cond: object, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
+async def poll(cond: Callable[[], bool], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not cond():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
 
