@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 import grpc
 from prism.interfaces.keyvalue.v1 import keyvalue_basic_pb2 as kv
@@ -16,21 +17,26 @@ from prism.interfaces.keyvalue.v1 import keyvalue_basic_pb2_grpc as kv_grpc
 from bench.common import run_fast
 
 
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
 class EchoKeyValue(kv_grpc.KeyValueBasicServiceServicer):
     """Answers every call with a constant response (a 100-byte value for Get)."""
 
     def __init__(self) -> None:
         self._value = b"v" * 100
 
-    async def Set(
-        self, request: kv.SetRequest, context: grpc.aio.ServicerContext
-    ) -> kv.SetResponse:
+    async def Set(self, request: kv.SetRequest, context: Ctx) -> kv.SetResponse:
         return kv.SetResponse(revision=1)
 
-    async def Get(
-        self, request: kv.GetRequest, context: grpc.aio.ServicerContext
-    ) -> kv.GetResponse:
+    async def Get(self, request: kv.GetRequest, context: Ctx) -> kv.GetResponse:
         return kv.GetResponse(found=True, value=self._value, revision=1)
+
+    async def Delete(self, request: kv.DeleteRequest, context: Ctx) -> kv.DeleteResponse:
+        return kv.DeleteResponse(deleted=True)
+
+    async def Exists(self, request: kv.ExistsRequest, context: Ctx) -> kv.ExistsResponse:
+        return kv.ExistsResponse(exists=True)
 
 
 async def serve(listen: str) -> None:

@@ -228,9 +228,9 @@ def throwaway(backend: str) -> Iterator[ThrowawayServer]:
     """Start a private server for `backend` ("postgres", "redis", "nats", "mongodb") and remove
     it and its data afterwards."""
     if backend == "mongodb" and os.environ.get("PRISM_TEST_MONGO_URL"):
-        server = ExternalMongo(name="mongodb", workdir=Path(tempfile.gettempdir()))
-        server.external_url = os.environ["PRISM_TEST_MONGO_URL"]
-        yield server
+        external = ExternalMongo(name="mongodb", workdir=Path(tempfile.gettempdir()))
+        external.external_url = os.environ["PRISM_TEST_MONGO_URL"]
+        yield external
         return
     if not _available(backend):
         missing(backend, f"{backend} server binary")
