@@ -16,7 +16,6 @@ from prism.interfaces.keyvalue.v1 import keyvalue_basic_pb2_grpc as kv_grpc
 
 from bench.common import run_fast
 
-
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
