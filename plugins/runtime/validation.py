@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -88,3 +89,64 @@ def decode_page_token(token: str, kind: str, scope: str, field: str = "page_toke
     if data.get("s") != scope:
         raise InvalidArgument(field, "page token belongs to a different request")
     return data["p"]
+
+
+# Documents (proto/prism/interfaces/document/v1/document_basic.proto states these rules) -------
+MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
+MAX_DOCUMENT_DEPTH = 100
+_COLLECTION_RE = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+
+
+def collection(name: str, field: str = "collection") -> str:
+    if not _COLLECTION_RE.fullmatch(name):
+        raise InvalidArgument(field, "must match ^[a-z][a-z0-9_-]{0,62}$")
+    return name
+
+
+def document_id(value: str, field: str = "id") -> str:
+    """A required document id (same limits as a key)."""
+    return key(value, field)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _checked_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    for name, _ in pairs:
+        if not name:
+            raise ValueError("member names must not be empty")
+        if name.startswith("$"):
+            raise ValueError(f"member name {name!r} must not start with '$'")
+        if "." in name:
+            raise ValueError(f"member name {name!r} must not contain '.'")
+    return dict(pairs)  # a repeated name keeps its last value
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of containers (a flat object is 1), computed without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        children = node.values() if isinstance(node, dict) else node
+        deepest = max(deepest, level)
+        stack.extend((c, level + 1) for c in children if isinstance(c, dict | list))
+    return deepest
+
+
+def document_json(text: str, field: str = "json") -> dict[str, Any]:
+    """Parse a document body: a JSON object within the size, depth and member-name rules."""
+    if len(text.encode("utf-8")) > MAX_DOCUMENT_BYTES:
+        raise InvalidArgument(field, f"larger than {MAX_DOCUMENT_BYTES} bytes")
+    try:
+        body = json.loads(text, object_pairs_hook=_checked_object, parse_constant=_reject_constant)
+    except RecursionError as exc:
+        raise InvalidArgument(field, f"nests deeper than {MAX_DOCUMENT_DEPTH} levels") from exc
+    except ValueError as exc:
+        raise InvalidArgument(field, f"not a valid JSON document: {exc}") from exc
+    if not isinstance(body, dict):
+        raise InvalidArgument(field, "must be a JSON object")
+    if _depth(body) > MAX_DOCUMENT_DEPTH:
+        raise InvalidArgument(field, f"nests deeper than {MAX_DOCUMENT_DEPTH} levels")
+    return body
