@@ -1,0 +1,54 @@
+"""The schema as an append-only list of migrations, tracked by PRAGMA user_version.
+
+Opening a database applies, in one transaction, every migration whose number is above the file's
+user_version, so opening is idempotent and an older file is brought up to date. Never edit a
+migration that has shipped: append a new one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+MIGRATIONS: list[tuple[str, ...]] = [
+    # 1: key-value entries and the global revision counter
+    (
+        """CREATE TABLE kv (
+            ns TEXT NOT NULL,
+            key TEXT NOT NULL,
+            value BLOB NOT NULL,
+            revision INTEGER NOT NULL,
+            expires_at REAL,
+            PRIMARY KEY (ns, key)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX kv_expiry ON kv (expires_at) WHERE expires_at IS NOT NULL",
+        "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
+        "INSERT INTO counters (name, value) VALUES ('revision', 0)",
+    ),
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class SchemaTooNew(sqlite3.DatabaseError):
+    """The file was written by a newer plugin; refusing beats silently misreading it."""
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema up to SCHEMA_VERSION; returns the version found before migrating."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        found = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if found > SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"database schema version {found} is newer than this plugin's {SCHEMA_VERSION}"
+            )
+        for statements in MIGRATIONS[found:]:
+            for statement in statements:
+                conn.execute(statement)
+        # PRAGMA takes no bound parameters; SCHEMA_VERSION is an int computed above.
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return found
