@@ -37,11 +37,11 @@ class BackendPlugin(ABC):
     def implementations(self) -> Mapping[str, object]:
         """Interface id → object implementing that interface's contract Protocol."""
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect, migrate, start background tasks. Must be idempotent and must not hang:
         an unreachable database raises runtime.errors.Unavailable."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and stop background tasks."""
 
     async def check_health(self) -> bool:

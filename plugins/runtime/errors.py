@@ -29,7 +29,7 @@ class InvalidArgument(PrismError):
     default_reason = "INVALID_ARGUMENT"
 
     def __init__(self, field: str, description: str, **metadata: object) -> None:
-        super().__init__(f"{field}: {description}", field=field, **metadata)
+        super().__init__(f"{field}: {description}", field=field, **metadata)  # type: ignore[arg-type]
         self.field = field
         self.description = description
 

@@ -1,0 +1,212 @@
+"""Two generic adapters between contract objects and gRPC, driven only by service descriptors.
+
+`service_handler` serves any contract object over gRPC (the server routes per namespace through
+the resolver; the sidecar resolves to its one plugin). `ContractProxy` turns a channel to a
+sidecar back into a contract object, so patterns and the router cannot tell in-process from
+sidecar. No code here knows any particular interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import grpc.aio
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from google.protobuf.message_factory import GetMessageClass
+
+from plugins.runtime.context import CallContext
+from plugins.runtime.interfaces import InterfaceInfo, method_name
+from plugins.runtime.status import error_from_status, status_for
+
+NAMESPACE_HEADER = "x-prism-namespace"
+REQUEST_ID_HEADER = "x-request-id"
+
+#: Request id of the call being handled; set by the request-id interceptor so the id it echoes
+#: is the one errors and logs carry.
+current_request_id: ContextVar[str] = ContextVar("prism_request_id", default="")
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where one call goes: the namespace it acts in, the contract object, and ErrorInfo labels
+    (backend, interface, namespace) describing it."""
+
+    namespace: str
+    impl: object
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+#: requested namespace ("" when the client sent none) → Target; raises PrismError to refuse.
+Resolver = Callable[[str], Target]
+
+
+def message_classes(
+    method: _descriptor.MethodDescriptor,
+) -> tuple[type[_message.Message], type[_message.Message]]:
+    return GetMessageClass(method.input_type), GetMessageClass(method.output_type)
+
+
+def request_headers(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, str]:
+    """(namespace, request id) from the call's metadata; the id is the interceptor's if set,
+    else the client's, else a fresh one."""
+    namespace = ""
+    request_id = current_request_id.get()
+    for key, value in context.invocation_metadata() or ():
+        if key == NAMESPACE_HEADER and isinstance(value, str):
+            namespace = value
+        elif key == REQUEST_ID_HEADER and not request_id and isinstance(value, str):
+            request_id = value
+    return namespace, request_id or uuid.uuid4().hex
+
+
+async def abort(
+    context: grpc.aio.ServicerContext[Any, Any],
+    exc: BaseException,
+    request_id: str,
+    labels: Mapping[str, str],
+) -> None:
+    """End the call with the status the one error mapping gives `exc`."""
+    aio_context: Any = context  # grpc-stubs predates ServicerContext.abort_with_status
+    await aio_context.abort_with_status(status_for(exc, request_id, labels))
+
+
+def _prepare(
+    context: grpc.aio.ServicerContext[Any, Any], resolve: Resolver
+) -> tuple[CallContext, Target]:
+    namespace, request_id = request_headers(context)
+    target = resolve(namespace)
+    ctx = CallContext.with_timeout(
+        target.namespace, context.time_remaining(), request_id=request_id
+    )
+    return ctx, target
+
+
+def _unary_handler(
+    info: InterfaceInfo, method: _descriptor.MethodDescriptor, resolve: Resolver
+) -> grpc.RpcMethodHandler[Any, Any]:
+    name = method_name(method.name)
+    fallback: Mapping[str, str] = {"interface": info.id}
+
+    async def handle(request: _message.Message, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        request_id, labels = "", fallback
+        try:
+            ctx, target = _prepare(context, resolve)
+            request_id, labels = ctx.request_id, target.labels
+            async with asyncio.timeout(ctx.time_remaining()):
+                return await getattr(target.impl, name)(request, ctx)
+        except Exception as exc:
+            await abort(context, exc, request_id or current_request_id.get(), labels)
+
+    req, resp = message_classes(method)
+    return grpc.unary_unary_rpc_method_handler(
+        handle, request_deserializer=req.FromString, response_serializer=resp.SerializeToString
+    )
+
+
+def _stream_handler(
+    info: InterfaceInfo, method: _descriptor.MethodDescriptor, resolve: Resolver
+) -> grpc.RpcMethodHandler[Any, Any]:
+    name = method_name(method.name)
+    fallback: Mapping[str, str] = {"interface": info.id}
+
+    async def handle(
+        request: _message.Message, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        request_id, labels = "", fallback
+        try:
+            ctx, target = _prepare(context, resolve)
+            request_id, labels = ctx.request_id, target.labels
+            async for item in getattr(target.impl, name)(request, ctx):
+                yield item
+        except Exception as exc:
+            await abort(context, exc, request_id or current_request_id.get(), labels)
+
+    req, resp = message_classes(method)
+    return grpc.unary_stream_rpc_method_handler(
+        handle, request_deserializer=req.FromString, response_serializer=resp.SerializeToString
+    )
+
+
+def service_handler(info: InterfaceInfo, resolve: Resolver) -> grpc.GenericRpcHandler[Any, Any]:
+    """A handler serving every RPC of `info`'s service by calling the contract method of the
+    object `resolve` picks for the call's namespace."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in info.service.methods:
+        if method.client_streaming:
+            raise ValueError(f"{info.service_name}/{method.name}: client streaming unsupported")
+        build = _stream_handler if method.server_streaming else _unary_handler
+        handlers[method.name] = build(info, method, resolve)
+    return grpc.method_handlers_generic_handler(info.service_name, handlers)
+
+
+class ContractProxy:
+    """A contract object whose methods call a sidecar serving the same interface.
+
+    Each method sends the namespace and request id as metadata and the remaining deadline as
+    timeout, and turns a failed call back into the domain error the sidecar raised (code, reason
+    and ErrorInfo metadata preserved); a sidecar that cannot be reached becomes Unavailable."""
+
+    def __init__(
+        self, info: InterfaceInfo, channel: grpc.aio.Channel, labels: Mapping[str, str]
+    ) -> None:
+        self.interface = info
+        self.labels = dict(labels)
+        for method in info.service.methods:
+            path = f"/{info.service_name}/{method.name}"
+            req, resp = message_classes(method)
+            if method.server_streaming:
+                stream = channel.unary_stream(
+                    path,
+                    request_serializer=req.SerializeToString,
+                    response_deserializer=resp.FromString,
+                )
+                setattr(self, method_name(method.name), self._streaming(stream))
+            else:
+                unary = channel.unary_unary(
+                    path,
+                    request_serializer=req.SerializeToString,
+                    response_deserializer=resp.FromString,
+                )
+                setattr(self, method_name(method.name), self._unary(unary))
+
+    def _unary(
+        self, stub: grpc.aio.UnaryUnaryMultiCallable[Any, Any]
+    ) -> Callable[[_message.Message, CallContext], Awaitable[Any]]:
+        async def call(request: _message.Message, ctx: CallContext) -> Any:
+            try:
+                return await stub(request, metadata=_outbound(ctx), timeout=ctx.time_remaining())
+            except grpc.aio.AioRpcError as exc:
+                raise self._domain_error(exc) from None
+
+        return call
+
+    def _streaming(
+        self, stub: grpc.aio.UnaryStreamMultiCallable[Any, Any]
+    ) -> Callable[[_message.Message, CallContext], AsyncIterator[Any]]:
+        async def call(request: _message.Message, ctx: CallContext) -> AsyncIterator[Any]:
+            stream = stub(request, metadata=_outbound(ctx), timeout=ctx.time_remaining())
+            try:
+                async for item in stream:
+                    yield item
+            except grpc.aio.AioRpcError as exc:
+                raise self._domain_error(exc) from None
+            finally:
+                stream.cancel()
+
+        return call
+
+    def _domain_error(self, exc: grpc.aio.AioRpcError) -> Exception:
+        return error_from_status(
+            exc.code(), exc.details() or "", exc.trailing_metadata(), self.labels
+        )
+
+
+def _outbound(ctx: CallContext) -> tuple[tuple[str, str], ...]:
+    return ((NAMESPACE_HEADER, ctx.namespace), (REQUEST_ID_HEADER, ctx.request_id))
