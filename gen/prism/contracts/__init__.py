@@ -11,4 +11,9 @@ PROTOCOLS: dict[str, tuple[str, str]] = {
     "keyvalue_scan": ("keyvalue", "KeyValueScan"),
     "keyvalue_transactional": ("keyvalue", "KeyValueTransactional"),
     "keyvalue_ttl": ("keyvalue", "KeyValueTTL"),
+    "queue_basic": ("queue", "QueueBasic"),
+    "queue_dead_letter": ("queue", "QueueDeadLetter"),
+    "queue_delayed": ("queue", "QueueDelayed"),
+    "queue_priority": ("queue", "QueuePriority"),
+    "queue_visibility": ("queue", "QueueVisibility"),
 }
