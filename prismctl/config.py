@@ -1,0 +1,405 @@
+"""Namespace configuration (MEMO-006 format) checked against the registry. The server refuses
+to start on any error found here; `prismctl validate` prints the same findings."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prismctl.diagnostics import Diagnostic, Location, has_errors, render_text
+from prismctl.registry import BackendSpec, PatternSpec, Registry, SlotSpec
+from prismctl.source import IOProblem, PathKey, Source, load_yaml, parse_yaml, schema_errors
+
+__all__ = [
+    "ConfigResult",
+    "Diagnostic",
+    "NamespaceConfig",
+    "SlotConfig",
+    "duplicate_namespaces",
+    "load_config",
+    "render_text",
+    "validate_config_data",
+]
+
+
+@dataclass(frozen=True)
+class SlotConfig:
+    name: str
+    backend: str
+    #: the interfaces this slot binds: the `interfaces:` list, else every interface of the
+    #: pattern slot that the backend implements
+    interfaces: list[str]
+    config: dict[str, Any]
+    address: str | None
+    location: Location
+    #: True when `interfaces:` was written in the file
+    interfaces_listed: bool = False
+
+
+@dataclass(frozen=True)
+class NamespaceConfig:
+    name: str
+    pattern: str
+    pattern_version: str
+    slots: dict[str, SlotConfig]
+    location: Location
+
+
+@dataclass
+class ConfigResult:
+    source: str
+    namespaces: list[NamespaceConfig] = field(default_factory=list)
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+    #: the file could not be read at all (exit code 3 rather than 1)
+    io_error: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not has_errors(self.diagnostics)
+
+
+def load_config(path: Path, registry: Registry) -> ConfigResult:
+    """Read, parse and check one config file. Never raises for bad input."""
+    name = str(path)
+    try:
+        src = load_yaml(path, name)
+    except IOProblem as exc:
+        return ConfigResult(name, diagnostics=[exc.diagnostic], io_error=True)
+    return _validate(src, registry)
+
+
+def validate_config_data(
+    data: object, source: str, registry: Registry, text: str | None = None
+) -> ConfigResult:
+    """Check already-parsed data; `text` (the YAML it came from) supplies line:col positions."""
+    if text is not None:
+        src = parse_yaml(text, source)
+        if not src.ok:
+            return ConfigResult(source, diagnostics=list(src.diagnostics))
+    else:
+        src = Source(source)
+    src.data = data
+    return _validate(src, registry)
+
+
+def duplicate_namespaces(results: Iterable[ConfigResult]) -> list[Diagnostic]:
+    """Namespace names must be unique across every file the server loads."""
+    seen: dict[str, Location] = {}
+    found: list[Diagnostic] = []
+    for result in results:
+        for ns in result.namespaces:
+            first = seen.setdefault(ns.name, ns.location)
+            if first is not ns.location:
+                found.append(
+                    Diagnostic.at(
+                        ns.location,
+                        "DUPLICATE_NAMESPACE",
+                        f"namespace '{ns.name}' is defined twice",
+                        "rename one of them or merge their slots",
+                        related=[_note(first, "first defined here")],
+                    )
+                )
+    return found
+
+
+def _note(loc: Location, note: str) -> Location:
+    return Location(loc.file, loc.line, loc.col, note)
+
+
+def _validate(src: Source, registry: Registry) -> ConfigResult:
+    result = ConfigResult(src.file, diagnostics=list(src.diagnostics))
+    if not src.ok:
+        return result
+    if not isinstance(src.data, dict):
+        result.diagnostics.append(
+            Diagnostic.at(
+                src.at(()),
+                "SCHEMA",
+                f"expected a mapping with a 'namespaces' list at the top level, got "
+                f"{_kind(src.data)}",
+                "start the file with 'namespaces:'",
+            )
+        )
+        return result
+    findings = schema_errors(src, registry.schema_dir / "config.schema.json")
+    result.diagnostics.extend(d for _, d in findings)
+    broken = {p[1] for p, _ in findings if len(p) >= 2 and p[0] == "namespaces"}
+    if any(len(p) < 2 for p, _ in findings):
+        return result
+    for i, ns in enumerate(src.data["namespaces"]):
+        if i not in broken:
+            _check_namespace(src, registry, ("namespaces", i), ns, result)
+    result.diagnostics.extend(duplicate_namespaces([result]))
+    return result
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, str):
+        return "a string"
+    return type(value).__name__
+
+
+def _check_namespace(
+    src: Source, reg: Registry, path: PathKey, ns: dict[str, Any], result: ConfigResult
+) -> None:
+    diags = result.diagnostics
+    name_loc = src.at((*path, "name"))
+    pattern = reg.patterns.get(ns["pattern"])
+    version = ns.get("pattern_version")
+    if pattern is None:
+        known = ", ".join(sorted(reg.patterns)) or "none"
+        diags.append(
+            Diagnostic.at(
+                src.at((*path, "pattern")),
+                "UNKNOWN_PATTERN",
+                f"unknown pattern '{ns['pattern']}'",
+                f"use one of: {known}",
+            )
+        )
+    elif version is not None and version != pattern.version:
+        diags.append(
+            Diagnostic.at(
+                src.at((*path, "pattern_version")),
+                "UNKNOWN_PATTERN_VERSION",
+                f"pattern '{pattern.name}' has no version '{version}'",
+                f"use pattern_version: {pattern.version}",
+                related=[_note(pattern.location, f"{pattern.name} is defined here")],
+            )
+        )
+    slots: dict[str, SlotConfig] = {}
+    for slot_name, slot_data in ns["slots"].items():
+        slot_path = (*path, "slots", slot_name)
+        spec = pattern.slots.get(slot_name) if pattern else None
+        if pattern is not None and spec is None:
+            known = ", ".join(pattern.slots)
+            diags.append(
+                Diagnostic.at(
+                    src.key_at(slot_path),
+                    "UNKNOWN_SLOT",
+                    f"pattern '{pattern.name}' has no slot '{slot_name}'",
+                    f"use one of: {known}",
+                )
+            )
+        slots[slot_name] = _check_slot(src, reg, slot_path, slot_name, slot_data, spec, diags)
+    if pattern is not None:
+        _check_slot_presence(src, path, pattern, ns["slots"], diags)
+    result.namespaces.append(
+        NamespaceConfig(
+            name=ns["name"],
+            pattern=ns["pattern"],
+            pattern_version=version or (pattern.version if pattern else ""),
+            slots=slots,
+            location=name_loc,
+        )
+    )
+
+
+def _check_slot_presence(
+    src: Source,
+    path: PathKey,
+    pattern: PatternSpec,
+    filled: dict[str, Any],
+    diags: list[Diagnostic],
+) -> None:
+    slots_loc = src.key_at((*path, "slots"))
+    for spec in pattern.slots.values():
+        if not spec.optional and spec.name not in filled:
+            diags.append(
+                Diagnostic.at(
+                    slots_loc,
+                    "MISSING_REQUIRED_SLOT",
+                    f"required slot '{spec.name}' of pattern '{pattern.name}' is not filled",
+                    f"add slots.{spec.name} with a backend implementing "
+                    f"{', '.join(spec.required_interfaces)}",
+                    related=[_note(spec.location, "slot defined here")],
+                )
+            )
+    known_filled = [s for s in filled if s in pattern.slots]
+    if len(known_filled) < pattern.min_filled_slots:
+        diags.append(
+            Diagnostic.at(
+                slots_loc,
+                "TOO_FEW_SLOTS",
+                f"pattern '{pattern.name}' needs at least {pattern.min_filled_slots} filled "
+                f"slot(s), got {len(known_filled)}",
+                f"fill one of: {', '.join(pattern.slots)}",
+            )
+        )
+
+
+def _check_slot(
+    src: Source,
+    reg: Registry,
+    path: PathKey,
+    slot_name: str,
+    data: dict[str, Any],
+    spec: SlotSpec | None,
+    diags: list[Diagnostic],
+) -> SlotConfig:
+    backend = reg.backends.get(data["backend"])
+    listed: list[str] | None = data.get("interfaces")
+    config: dict[str, Any] = data.get("config", {})
+    if backend is None:
+        known = ", ".join(sorted(reg.backends)) or "none"
+        diags.append(
+            Diagnostic.at(
+                src.at((*path, "backend")),
+                "UNKNOWN_BACKEND",
+                f"unknown backend '{data['backend']}'",
+                f"use one of: {known}",
+            )
+        )
+    else:
+        if backend.status == "planned":
+            diags.append(
+                Diagnostic.at(
+                    src.at((*path, "backend")),
+                    "BACKEND_PLANNED",
+                    f"backend '{backend.name}' is planned: its plugin is not available yet, so "
+                    "the server cannot bind this slot in-process",
+                    "use an available backend or bind the slot to a sidecar with address:",
+                    severity="warning",
+                    related=[_note(backend.location, "declared here")],
+                )
+            )
+        _check_backend_config(src, path, backend, config, diags)
+    if listed is not None:
+        _check_listed(src, reg, path, slot_name, listed, spec, backend, diags)
+    if spec is not None and backend is not None:
+        _check_required(src, reg, path, slot_name, spec, backend, listed, diags)
+    if listed is not None:
+        interfaces = list(listed)
+    elif spec is not None and backend is not None:
+        interfaces = [i for i in spec.interfaces if i in backend.implements]
+    else:
+        interfaces = []
+    return SlotConfig(
+        name=slot_name,
+        backend=data["backend"],
+        interfaces=interfaces,
+        config=config,
+        address=data.get("address"),
+        location=src.key_at(path),
+        interfaces_listed=listed is not None,
+    )
+
+
+def _lacks(backend: BackendSpec, interface: str) -> Location:
+    return _note(
+        backend.implements_location,
+        f"{backend.name}'s implements list (registry matrix) has no {interface}",
+    )
+
+
+def _check_required(
+    src: Source,
+    reg: Registry,
+    path: PathKey,
+    slot_name: str,
+    spec: SlotSpec,
+    backend: BackendSpec,
+    listed: list[str] | None,
+    diags: list[Diagnostic],
+) -> None:
+    for iid in spec.required_interfaces:
+        if iid not in backend.implements:
+            can = ", ".join(b.name for b in reg.implementers(spec.required_interfaces))
+            diags.append(
+                Diagnostic.at(
+                    src.at((*path, "backend")),
+                    "MISSING_REQUIRED_INTERFACE",
+                    f"slot '{slot_name}' requires {iid}, which backend '{backend.name}' does "
+                    "not implement",
+                    f"use a backend implementing {', '.join(spec.required_interfaces)}: "
+                    f"{can or 'none exists'}",
+                    related=[_lacks(backend, iid)],
+                )
+            )
+        elif listed is not None and iid not in listed:
+            diags.append(
+                Diagnostic.at(
+                    src.at((*path, "interfaces")),
+                    "REQUIRED_INTERFACE_NOT_LISTED",
+                    f"slot '{slot_name}' requires {iid} but its interfaces list leaves it out",
+                    f"add {iid} to interfaces (or drop the list to bind everything the slot uses)",
+                )
+            )
+
+
+def _check_listed(
+    src: Source,
+    reg: Registry,
+    path: PathKey,
+    slot_name: str,
+    listed: list[str],
+    spec: SlotSpec | None,
+    backend: BackendSpec | None,
+    diags: list[Diagnostic],
+) -> None:
+    for i, iid in enumerate(listed):
+        loc = src.at((*path, "interfaces", i))
+        if iid not in reg.interfaces:
+            diags.append(
+                Diagnostic.at(
+                    loc,
+                    "UNKNOWN_INTERFACE",
+                    f"unknown interface '{iid}'",
+                    "see `prismctl registry backends describe` for interface ids",
+                )
+            )
+            continue
+        if spec is not None and iid not in spec.interfaces:
+            diags.append(
+                Diagnostic.at(
+                    loc,
+                    "INTERFACE_NOT_IN_SLOT",
+                    f"slot '{slot_name}' does not use {iid}",
+                    f"remove it; the slot uses {', '.join(spec.interfaces)}",
+                    related=[_note(spec.location, "slot defined here")],
+                )
+            )
+        elif (
+            backend is not None
+            and iid not in backend.implements
+            and not (spec is not None and iid in spec.required_interfaces)
+        ):
+            diags.append(
+                Diagnostic.at(
+                    loc,
+                    "INTERFACE_NOT_IMPLEMENTED",
+                    f"backend '{backend.name}' does not implement {iid}",
+                    f"remove {iid} from interfaces or choose a backend that implements it",
+                    related=[_lacks(backend, iid)],
+                )
+            )
+
+
+def _check_backend_config(
+    src: Source,
+    path: PathKey,
+    backend: BackendSpec,
+    config: dict[str, Any],
+    diags: list[Diagnostic],
+) -> None:
+    related = [_note(backend.location, f"{backend.name}'s config_schema")]
+    for _, d in schema_errors(
+        src, backend.config_schema, config, (*path, "config"), rule_id="BACKEND_CONFIG"
+    ):
+        diags.append(Diagnostic.at(d.location, d.rule_id, d.message, d.fix, related=related))
+    connection = config.get("connection")
+    if isinstance(connection, str) and not re.fullmatch(backend.connection_pattern, connection):
+        diags.append(
+            Diagnostic.at(
+                src.at((*path, "config", "connection")),
+                "CONNECTION_FORMAT",
+                f"connection string '{connection}' does not match {backend.name}'s format "
+                f"{backend.connection_string_format}",
+                f"write it like {backend.default_connection}",
+                related=related,
+            )
+        )
