@@ -14,6 +14,7 @@ from typing import Any
 from plugins.runtime.base import BackendPlugin
 from plugins.runtime.errors import InvalidArgument, PrismError
 from plugins.sqlite.db import Database
+from plugins.sqlite.document import SqliteDocuments
 from plugins.sqlite.keyvalue import SqliteKeyValue
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def database_path(config: Mapping[str, Any], data_dir: Path) -> Path:
 
 
 class SqlitePlugin(BackendPlugin):
-    """KeyValue on one WAL-mode SQLite file with durable (synchronous=FULL) commits."""
+    """KeyValue, Document and Queue on one WAL-mode SQLite file, durable (synchronous=FULL)."""
 
     name = "sqlite"
 
@@ -64,6 +65,7 @@ class SqlitePlugin(BackendPlugin):
             self.path, busy_timeout_ms=int(config.get("busy_timeout_ms", DEFAULT_BUSY_TIMEOUT_MS))
         )
         self.keyvalue = SqliteKeyValue(self.db)
+        self.documents = SqliteDocuments(self.db)
         self._sweeper: asyncio.Task[None] | None = None
 
     def implementations(self) -> Mapping[str, object]:
@@ -74,6 +76,8 @@ class SqlitePlugin(BackendPlugin):
             "keyvalue_scan": self.keyvalue,
             "keyvalue_ttl": self.keyvalue,
             "keyvalue_transactional": self.keyvalue,
+            "document_basic": self.documents,
+            "document_indexing": self.documents,
         }
 
     async def start(self) -> None:

@@ -24,6 +24,27 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
         "INSERT INTO counters (name, value) VALUES ('revision', 0)",
     ),
+    # 2: documents (JSON text bodies) and the definitions of their secondary indexes
+    (
+        """CREATE TABLE docs (
+            ns TEXT NOT NULL,
+            collection TEXT NOT NULL,
+            id TEXT NOT NULL,
+            body TEXT NOT NULL,
+            revision INTEGER NOT NULL,
+            create_time INTEGER NOT NULL,
+            update_time INTEGER NOT NULL,
+            PRIMARY KEY (ns, collection, id)
+        )""",
+        """CREATE TABLE doc_indexes (
+            ns TEXT NOT NULL,
+            collection TEXT NOT NULL,
+            name TEXT NOT NULL,
+            definition BLOB NOT NULL,
+            sql_name TEXT NOT NULL UNIQUE,
+            PRIMARY KEY (ns, collection, name)
+        ) WITHOUT ROWID""",
+    ),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
