@@ -1,0 +1,1 @@
+"""Black-box conformance suite: cases per interface, a runner and `prismctl conformance`."""
