@@ -21,4 +21,9 @@ PROTOCOLS: dict[str, tuple[str, str]] = {
     "queue_delayed": ("queue", "QueueDelayed"),
     "queue_priority": ("queue", "QueuePriority"),
     "queue_visibility": ("queue", "QueueVisibility"),
+    "stream_basic": ("stream", "StreamBasic"),
+    "stream_consumer_groups": ("stream", "StreamConsumerGroups"),
+    "stream_partitioning": ("stream", "StreamPartitioning"),
+    "stream_replay": ("stream", "StreamReplay"),
+    "stream_retention": ("stream", "StreamRetention"),
 }
