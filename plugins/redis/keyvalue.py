@@ -1,0 +1,464 @@
+"""All six KeyValue interfaces on Redis hashes, a per-namespace sorted-set key index and Lua.
+
+Reads are one round trip (HMGET / EXISTS / PTTL, or one script); every write is one Lua script
+that updates the entry, its revision (INCR of a shared counter, so revisions never repeat) and the
+key and expiry indexes atomically. Expiry is Redis's own (PEXPIRE), so an expired entry is
+invisible at once; the key index forgets expired keys lazily, before each Scan/Count.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf.duration_pb2 import Duration
+from prism.interfaces.keyvalue.v1 import keyvalue_basic_pb2 as basic_pb
+from prism.interfaces.keyvalue.v1 import keyvalue_batch_pb2 as batch_pb
+from prism.interfaces.keyvalue.v1 import keyvalue_cas_pb2 as cas_pb
+from prism.interfaces.keyvalue.v1 import keyvalue_scan_pb2 as scan_pb
+from prism.interfaces.keyvalue.v1 import keyvalue_transactional_pb2 as tx_pb
+from prism.interfaces.keyvalue.v1 import keyvalue_ttl_pb2 as ttl_pb
+
+from plugins.redis.connection import RedisConnection
+from plugins.redis.keys import Keyspace, lex_range
+from plugins.runtime import validation
+from plugins.runtime.context import CallContext
+from plugins.runtime.errors import Aborted, AlreadyExists, InvalidArgument, NotFound
+
+DEFAULT_TX_TIMEOUT = 30.0
+MAX_TX_TIMEOUT = 300.0
+
+ISOLATION = (
+    "serializable (optimistic): writes are buffered in the plugin and reads go to Redis and see "
+    "committed data plus the transaction's own writes (each read is read-committed; two reads "
+    "are not one snapshot). Commit is one Lua script that re-checks the revision of every key "
+    "the transaction read (absent keys included) and aborts with TRANSACTION_CONFLICT if any "
+    "changed, else applies every write in order; Redis runs the script atomically, so a "
+    "committed transaction behaves as if it ran alone at its commit. Keys only written (never "
+    "read) are not checked: last writer wins for blind writes. Open transactions live in the "
+    "plugin process and are lost if it restarts."
+)
+
+
+@dataclass
+class Transaction:
+    ns: str
+    timeout: float
+    deadline: float
+    #: operations in the order sent: (key, value) or (key, None) for a delete
+    ops: list[tuple[str, bytes | None]] = field(default_factory=list)
+    #: the transaction's own view of keys it wrote (None: deleted)
+    writes: dict[str, bytes | None] = field(default_factory=dict)
+    #: revision (0: absent) of every key whose committed state the transaction looked at
+    reads: dict[str, int] = field(default_factory=dict)
+
+    def touch(self) -> None:
+        self.deadline = time.monotonic() + self.timeout
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+class RedisKeyValue:
+    """keyvalue_basic, _batch, _cas, _scan, _ttl and _transactional."""
+
+    def __init__(self, conn: RedisConnection, key_prefix: bytes, default_ttl: float | None) -> None:
+        self.conn = conn
+        self.key_prefix = key_prefix
+        #: expiry (ms) of writes that carry no TTL of their own; 0 = none (slot `ttl_seconds`)
+        self.default_ttl_ms = 0 if default_ttl is None else _ms(default_ttl)
+        self.transactions: dict[str, Transaction] = {}
+
+    def space(self, ctx: CallContext) -> Keyspace:
+        return Keyspace(self.key_prefix, ctx.namespace)
+
+    async def _put(self, ctx: CallContext, key: str, value: bytes, ttl_ms: int) -> int:
+        ks = self.space(ctx)
+        return int(
+            await self.conn.eval(
+                ctx,
+                self.conn.scripts.set,
+                [ks.counter, ks.index, ks.expiring, ks.data(key)],
+                [key, value, ttl_ms],
+            )
+        )
+
+    async def _lookup(self, ctx: CallContext, key: str) -> tuple[bytes, int] | None:
+        """(value, revision) of a live key, in one HMGET."""
+        data = self.space(ctx).data(key)
+        reply: list[Any] = await self.conn.run(ctx, lambda r: r.hmget(data, ["v", "r"]))
+        value, revision = reply
+        return None if value is None else (bytes(value), int(revision))
+
+    # -- basic -------------------------------------------------------------------------------
+
+    async def set(self, request: basic_pb.SetRequest, ctx: CallContext) -> basic_pb.SetResponse:
+        key = validation.key(request.key)
+        value = validation.value(request.value)
+        return basic_pb.SetResponse(revision=await self._put(ctx, key, value, self.default_ttl_ms))
+
+    async def get(self, request: basic_pb.GetRequest, ctx: CallContext) -> basic_pb.GetResponse:
+        found = await self._lookup(ctx, validation.key(request.key))
+        if found is None:
+            return basic_pb.GetResponse(found=False)
+        return basic_pb.GetResponse(found=True, value=found[0], revision=found[1])
+
+    async def delete(
+        self, request: basic_pb.DeleteRequest, ctx: CallContext
+    ) -> basic_pb.DeleteResponse:
+        key = validation.key(request.key)
+        ks = self.space(ctx)
+        deleted = await self.conn.eval(
+            ctx, self.conn.scripts.delete, [ks.index, ks.expiring, ks.data(key)], [key]
+        )
+        return basic_pb.DeleteResponse(deleted=bool(deleted))
+
+    async def exists(
+        self, request: basic_pb.ExistsRequest, ctx: CallContext
+    ) -> basic_pb.ExistsResponse:
+        data = self.space(ctx).data(validation.key(request.key))
+        count = await self.conn.run(ctx, lambda r: r.exists(data))
+        return basic_pb.ExistsResponse(exists=bool(count))
+
+    # -- batch -------------------------------------------------------------------------------
+
+    async def batch_set(
+        self, request: batch_pb.BatchSetRequest, ctx: CallContext
+    ) -> batch_pb.BatchSetResponse:
+        if not request.entries:
+            raise InvalidArgument("entries", "must not be empty")
+        if len(request.entries) > validation.MAX_BATCH:
+            raise InvalidArgument("entries", f"more than {validation.MAX_BATCH} entries")
+        entries = [
+            (
+                validation.key(e.key, f"entries[{i}].key"),
+                validation.value(e.value, f"entries[{i}].value"),
+            )
+            for i, e in enumerate(request.entries)
+        ]
+        ks = self.space(ctx)
+        args: list[bytes | str | int] = [self.default_ttl_ms]
+        for k, v in entries:
+            args += [k, v]
+        revisions = await self.conn.eval(
+            ctx,
+            self.conn.scripts.batch_set,
+            [ks.counter, ks.index, ks.expiring, *(ks.data(k) for k, _ in entries)],
+            args,
+        )
+        return batch_pb.BatchSetResponse(
+            results=[
+                batch_pb.BatchSetResult(key=k, revision=int(r))
+                for (k, _), r in zip(entries, revisions, strict=True)
+            ]
+        )
+
+    async def batch_get(
+        self, request: batch_pb.BatchGetRequest, ctx: CallContext
+    ) -> batch_pb.BatchGetResponse:
+        keys = validation.keys(request.keys)
+        ks = self.space(ctx)
+
+        async def fetch(r: Any) -> list[list[bytes | None]]:
+            pipe = r.pipeline(transaction=False)
+            for k in keys:
+                pipe.hmget(ks.data(k), ["v", "r"])
+            return list(await pipe.execute())
+
+        rows = await self.conn.run(ctx, fetch)
+        results = []
+        for k, (value, revision) in zip(keys, rows, strict=True):
+            if value is None:
+                results.append(batch_pb.BatchGetResult(key=k, found=False))
+            else:
+                results.append(
+                    batch_pb.BatchGetResult(
+                        key=k, found=True, value=bytes(value), revision=int(revision or 0)
+                    )
+                )
+        return batch_pb.BatchGetResponse(results=results)
+
+    async def batch_delete(
+        self, request: batch_pb.BatchDeleteRequest, ctx: CallContext
+    ) -> batch_pb.BatchDeleteResponse:
+        keys = validation.keys(request.keys)
+        ks = self.space(ctx)
+        deleted = await self.conn.eval(
+            ctx,
+            self.conn.scripts.batch_delete,
+            [ks.index, ks.expiring, *(ks.data(k) for k in keys)],
+            list(keys),
+        )
+        return batch_pb.BatchDeleteResponse(
+            results=[
+                batch_pb.BatchDeleteResult(key=k, deleted=bool(d))
+                for k, d in zip(keys, deleted, strict=True)
+            ]
+        )
+
+    # -- cas ---------------------------------------------------------------------------------
+
+    async def compare_and_swap(
+        self, request: cas_pb.CompareAndSwapRequest, ctx: CallContext
+    ) -> cas_pb.CompareAndSwapResponse:
+        key = validation.key(request.key)
+        value = validation.value(request.value)
+        expected = request.expected_revision
+        ks = self.space(ctx)
+        applied, revision = await self.conn.eval(
+            ctx,
+            self.conn.scripts.compare_and_swap,
+            [ks.counter, ks.index, ks.expiring, ks.data(key)],
+            [key, value, expected, self.default_ttl_ms],
+        )
+        if not applied:
+            if expected == 0:
+                raise AlreadyExists(f"key {key!r} already exists", reason="KEY_EXISTS", key=key)
+            raise _mismatch(key, expected, int(revision))
+        return cas_pb.CompareAndSwapResponse(revision=int(revision))
+
+    async def compare_and_delete(
+        self, request: cas_pb.CompareAndDeleteRequest, ctx: CallContext
+    ) -> cas_pb.CompareAndDeleteResponse:
+        key = validation.key(request.key)
+        expected = request.expected_revision
+        if expected == 0:
+            raise InvalidArgument("expected_revision", "must be positive")
+        ks = self.space(ctx)
+        applied, current = await self.conn.eval(
+            ctx,
+            self.conn.scripts.compare_and_delete,
+            [ks.index, ks.expiring, ks.data(key)],
+            [key, expected],
+        )
+        if not applied:
+            raise _mismatch(key, expected, int(current))
+        return cas_pb.CompareAndDeleteResponse()
+
+    # -- scan --------------------------------------------------------------------------------
+
+    async def _page(
+        self,
+        kind: str,
+        prefix: str,
+        page_size: int,
+        page_token: str,
+        with_values: bool,
+        ctx: CallContext,
+    ) -> tuple[list[Any], str]:
+        """One keyset page (flat script reply: key[, value, revision]...) and the next token."""
+        size = validation.page_size(page_size)
+        after = validation.decode_page_token(page_token, kind, prefix)
+        if after is not None and not (isinstance(after, str) and after.startswith(prefix)):
+            raise InvalidArgument("page_token", "malformed page token")
+        low, high = lex_range(prefix, after)
+        ks = self.space(ctx)
+        reply = await self.conn.eval(
+            ctx,
+            self.conn.scripts.scan,
+            [ks.index, ks.expiring],
+            [ks.data_prefix, low, high, size, "1" if with_values else "0"],
+        )
+        more, last, rows = reply[0], reply[1], reply[2:]
+        token = validation.encode_page_token(kind, prefix, last.decode("utf-8")) if more else ""
+        return rows, token
+
+    async def scan(self, request: scan_pb.ScanRequest, ctx: CallContext) -> scan_pb.ScanResponse:
+        rows, token = await self._page(
+            "redis.scan", request.prefix, request.page_size, request.page_token, True, ctx
+        )
+        entries = [
+            scan_pb.KeyValue(
+                key=rows[i].decode("utf-8"), value=rows[i + 1], revision=int(rows[i + 2])
+            )
+            for i in range(0, len(rows), 3)
+        ]
+        return scan_pb.ScanResponse(entries=entries, next_page_token=token)
+
+    async def scan_keys(
+        self, request: scan_pb.ScanKeysRequest, ctx: CallContext
+    ) -> scan_pb.ScanKeysResponse:
+        rows, token = await self._page(
+            "redis.scan_keys", request.prefix, request.page_size, request.page_token, False, ctx
+        )
+        return scan_pb.ScanKeysResponse(
+            keys=[k.decode("utf-8") for k in rows], next_page_token=token
+        )
+
+    async def count(self, request: scan_pb.CountRequest, ctx: CallContext) -> scan_pb.CountResponse:
+        low, high = lex_range(request.prefix, None)
+        ks = self.space(ctx)
+        total = await self.conn.eval(
+            ctx, self.conn.scripts.count, [ks.index, ks.expiring], [ks.data_prefix, low, high]
+        )
+        return scan_pb.CountResponse(count=int(total))
+
+    # -- ttl ---------------------------------------------------------------------------------
+
+    async def set_with_ttl(
+        self, request: ttl_pb.SetWithTTLRequest, ctx: CallContext
+    ) -> ttl_pb.SetWithTTLResponse:
+        key = validation.key(request.key)
+        value = validation.value(request.value)
+        seconds = validation.ttl_seconds(request.ttl, request.HasField("ttl"))
+        return ttl_pb.SetWithTTLResponse(revision=await self._put(ctx, key, value, _ms(seconds)))
+
+    async def expire(
+        self, request: ttl_pb.ExpireRequest, ctx: CallContext
+    ) -> ttl_pb.ExpireResponse:
+        key = validation.key(request.key)
+        seconds = validation.ttl_seconds(request.ttl, request.HasField("ttl"))
+        ks = self.space(ctx)
+        applied = await self.conn.eval(
+            ctx,
+            self.conn.scripts.expire,
+            [ks.counter, ks.expiring, ks.data(key)],
+            [key, _ms(seconds)],
+        )
+        return ttl_pb.ExpireResponse(applied=bool(applied))
+
+    async def get_ttl(
+        self, request: ttl_pb.GetTTLRequest, ctx: CallContext
+    ) -> ttl_pb.GetTTLResponse:
+        data = self.space(ctx).data(validation.key(request.key))
+        remaining_ms = int(await self.conn.run(ctx, lambda r: r.pttl(data)))
+        if remaining_ms == -2:
+            return ttl_pb.GetTTLResponse(state=ttl_pb.TTL_STATE_KEY_MISSING)
+        if remaining_ms == -1:
+            return ttl_pb.GetTTLResponse(state=ttl_pb.TTL_STATE_PERSISTENT)
+        remaining = Duration()
+        remaining.FromMilliseconds(max(1, remaining_ms))
+        return ttl_pb.GetTTLResponse(state=ttl_pb.TTL_STATE_EXPIRING, ttl=remaining)
+
+    async def persist(
+        self, request: ttl_pb.PersistRequest, ctx: CallContext
+    ) -> ttl_pb.PersistResponse:
+        key = validation.key(request.key)
+        ks = self.space(ctx)
+        persisted = await self.conn.eval(
+            ctx, self.conn.scripts.persist, [ks.counter, ks.expiring, ks.data(key)], [key]
+        )
+        return ttl_pb.PersistResponse(persisted=bool(persisted))
+
+    # -- transactional -----------------------------------------------------------------------
+
+    def _transaction(self, transaction_id: str, ctx: CallContext) -> Transaction:
+        txn = self.transactions.get(transaction_id)
+        if txn is not None and txn.deadline <= time.monotonic():
+            del self.transactions[transaction_id]
+            txn = None
+        if txn is None or txn.ns != ctx.namespace:
+            raise NotFound(
+                f"transaction {transaction_id!r} not found (unknown, finished or timed out)",
+                reason="TRANSACTION_NOT_FOUND",
+                transaction_id=transaction_id,
+            )
+        txn.touch()
+        return txn
+
+    def purge_idle_transactions(self) -> None:
+        """Roll back (forget) transactions idle past their timeout."""
+        now = time.monotonic()
+        for tid in [t for t, txn in self.transactions.items() if txn.deadline <= now]:
+            del self.transactions[tid]
+
+    async def _view(self, txn: Transaction, key: str, ctx: CallContext) -> bytes | None:
+        """The transaction's view of `key`: its own write if any, else the committed value,
+        whose revision is remembered for the conflict check at Commit."""
+        if key in txn.writes:
+            return txn.writes[key]
+        found = await self._lookup(ctx, key)
+        txn.reads.setdefault(key, 0 if found is None else found[1])
+        return None if found is None else found[0]
+
+    async def begin_transaction(
+        self, request: tx_pb.BeginTransactionRequest, ctx: CallContext
+    ) -> tx_pb.BeginTransactionResponse:
+        timeout = DEFAULT_TX_TIMEOUT
+        if request.HasField("timeout"):
+            seconds = request.timeout.seconds + request.timeout.nanos / 1e9
+            if seconds < 0:
+                raise InvalidArgument("timeout", "must not be negative")
+            if seconds > MAX_TX_TIMEOUT:
+                raise InvalidArgument("timeout", "must be at most 5 minutes")
+            if seconds > 0:
+                timeout = seconds
+        self.purge_idle_transactions()
+        transaction_id = secrets.token_urlsafe(18)
+        txn = Transaction(ns=ctx.namespace, timeout=timeout, deadline=0.0)
+        txn.touch()
+        self.transactions[transaction_id] = txn
+        return tx_pb.BeginTransactionResponse(transaction_id=transaction_id)
+
+    async def set_in_transaction(
+        self, request: tx_pb.SetInTransactionRequest, ctx: CallContext
+    ) -> tx_pb.SetInTransactionResponse:
+        key = validation.key(request.key)
+        value = validation.value(request.value)
+        txn = self._transaction(request.transaction_id, ctx)
+        txn.ops.append((key, value))
+        txn.writes[key] = value
+        return tx_pb.SetInTransactionResponse()
+
+    async def get_in_transaction(
+        self, request: tx_pb.GetInTransactionRequest, ctx: CallContext
+    ) -> tx_pb.GetInTransactionResponse:
+        key = validation.key(request.key)
+        txn = self._transaction(request.transaction_id, ctx)
+        value = await self._view(txn, key, ctx)
+        if value is None:
+            return tx_pb.GetInTransactionResponse(found=False)
+        return tx_pb.GetInTransactionResponse(found=True, value=value)
+
+    async def delete_in_transaction(
+        self, request: tx_pb.DeleteInTransactionRequest, ctx: CallContext
+    ) -> tx_pb.DeleteInTransactionResponse:
+        key = validation.key(request.key)
+        txn = self._transaction(request.transaction_id, ctx)
+        existed = await self._view(txn, key, ctx) is not None
+        txn.ops.append((key, None))
+        txn.writes[key] = None
+        return tx_pb.DeleteInTransactionResponse(deleted=existed)
+
+    async def commit(self, request: tx_pb.CommitRequest, ctx: CallContext) -> tx_pb.CommitResponse:
+        txn = self._transaction(request.transaction_id, ctx)
+        del self.transactions[request.transaction_id]
+        if not txn.ops and not txn.reads:
+            return tx_pb.CommitResponse()
+        ks = self.space(ctx)
+        args: list[bytes | str | int] = [ks.data_prefix, self.default_ttl_ms, len(txn.reads)]
+        for key, seen in txn.reads.items():
+            args += [key, seen]
+        for key, value in txn.ops:
+            args += ["d", key, b""] if value is None else ["s", key, value]
+        reply = await self.conn.eval(
+            ctx, self.conn.scripts.commit, [ks.counter, ks.index, ks.expiring], args
+        )
+        if not reply[0]:
+            conflict = reply[1].decode("utf-8")
+            raise Aborted(
+                f"key {conflict!r} changed since the transaction read it; retry the whole "
+                "transaction",
+                reason="TRANSACTION_CONFLICT",
+                key=conflict,
+            )
+        return tx_pb.CommitResponse()
+
+    async def rollback(
+        self, request: tx_pb.RollbackRequest, ctx: CallContext
+    ) -> tx_pb.RollbackResponse:
+        self._transaction(request.transaction_id, ctx)
+        del self.transactions[request.transaction_id]
+        return tx_pb.RollbackResponse()
+
+
+def _mismatch(key: str, expected: int, current: int) -> Aborted:
+    return Aborted(
+        f"revision of {key!r} is {current}, not {expected}",
+        reason="REVISION_MISMATCH",
+        key=key,
+        current_revision=current,
+    )

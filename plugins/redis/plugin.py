@@ -1,0 +1,87 @@
+"""RedisPlugin: one redis.asyncio client (BlockingConnectionPool) per slot binding."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+from plugins.redis.connection import RedisConnection, Settings
+from plugins.redis.keyvalue import ISOLATION, RedisKeyValue
+from plugins.runtime.base import BackendPlugin
+from plugins.runtime.errors import InvalidArgument
+
+DEFAULT_KEY_PREFIX = "prism:"
+
+KEYVALUE_INTERFACES = (
+    "keyvalue_basic",
+    "keyvalue_scan",
+    "keyvalue_ttl",
+    "keyvalue_batch",
+    "keyvalue_cas",
+    "keyvalue_transactional",
+)
+
+
+def _positive(config: Mapping[str, Any], name: str, default: float) -> float:
+    value = float(config.get(name, default))
+    if value <= 0:
+        raise InvalidArgument(name, "must be positive")
+    return value
+
+
+def settings_from(config: Mapping[str, Any]) -> Settings:
+    """The connection settings of a slot's `config:` block (already schema-checked)."""
+    url = str(config.get("connection", ""))
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise InvalidArgument("connection", "must look like redis://host:port/db")
+    defaults = Settings(url=url)
+    return Settings(
+        url=url,
+        pool_max_size=int(_positive(config, "pool_max_size", defaults.pool_max_size)),
+        pool_timeout=_positive(config, "pool_timeout_seconds", defaults.pool_timeout),
+        connect_timeout=_positive(config, "connect_timeout_seconds", defaults.connect_timeout),
+        socket_timeout=_positive(config, "socket_timeout_seconds", defaults.socket_timeout),
+    )
+
+
+class RedisPlugin(BackendPlugin):
+    """KeyValue on a standalone Redis ≥ 7.0 (uses PEXPIRETIME and ZRANGE BYLEX/BYSCORE).
+
+    Config: `connection` (redis://host:port/db), `key_prefix` (default "prism:"), `ttl_seconds`
+    (expiry of keys written without their own TTL: a cache slot), `pool_max_size`,
+    `pool_timeout_seconds`, `connect_timeout_seconds`, `socket_timeout_seconds`.
+    """
+
+    name: ClassVar[str] = "redis"
+
+    def __init__(self, config: Mapping[str, Any], *, data_dir: Path) -> None:
+        super().__init__(config, data_dir=data_dir)
+        self.settings = settings_from(config)
+        self.key_prefix = str(config.get("key_prefix", DEFAULT_KEY_PREFIX))
+        default_ttl = config.get("ttl_seconds")
+        self.default_ttl = None if default_ttl is None else _positive(config, "ttl_seconds", 0)
+        self.conn = RedisConnection(self.settings)
+        self.keyvalue = RedisKeyValue(self.conn, self.key_prefix.encode("utf-8"), self.default_ttl)
+        self._version = "unknown"
+
+    def implementations(self) -> Mapping[str, object]:
+        return dict.fromkeys(KEYVALUE_INTERFACES, self.keyvalue)
+
+    async def start(self) -> None:
+        """Check the server answers (Unavailable if not) and remember its version."""
+        self._version = await self.conn.server_version()
+
+    async def close(self) -> None:
+        await self.conn.close()
+
+    async def check_health(self) -> bool:
+        return await self.conn.ping()
+
+    def details(self) -> dict[str, str]:
+        return {
+            "server_version": self._version,
+            "key_prefix": self.key_prefix,
+            "pool": f"blocking, max {self.settings.pool_max_size} connections",
+            "isolation": ISOLATION,
+        }
