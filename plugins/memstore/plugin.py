@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
+from plugins.memstore.document import MemstoreDocuments
 from plugins.memstore.keyvalue import KeyValueStore, MemstoreKeyValue
 from plugins.runtime.base import BackendPlugin
 
@@ -26,6 +27,7 @@ KEYVALUE_INTERFACES = (
     "keyvalue_cas",
     "keyvalue_transactional",
 )
+DOCUMENT_INTERFACES = ("document_basic", "document_query", "document_indexing", "document_search")
 
 
 class MemstorePlugin(BackendPlugin):
@@ -38,10 +40,14 @@ class MemstorePlugin(BackendPlugin):
         self.sweep_interval = float(config.get("sweep_interval", DEFAULT_SWEEP_INTERVAL))
         self.kv_store = KeyValueStore()
         self._kv = MemstoreKeyValue(self.kv_store)
+        self._documents = MemstoreDocuments()
         self._sweeper: asyncio.Task[None] | None = None
 
     def implementations(self) -> Mapping[str, object]:
-        return dict.fromkeys(KEYVALUE_INTERFACES, self._kv)
+        return {
+            **dict.fromkeys(KEYVALUE_INTERFACES, self._kv),
+            **dict.fromkeys(DOCUMENT_INTERFACES, self._documents),
+        }
 
     async def start(self) -> None:
         if self._sweeper is None or self._sweeper.done():
