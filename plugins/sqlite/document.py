@@ -16,8 +16,9 @@ from typing import Any
 
 from prism.interfaces.document.v1 import document_basic_pb2 as basic_pb
 from prism.interfaces.document.v1 import document_indexing_pb2 as index_pb
+from prism.interfaces.document.v1 import document_query_pb2 as query_pb
 
-from plugins.runtime import validation
+from plugins.runtime import docfilter, validation
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import (
     Aborted,
@@ -27,6 +28,7 @@ from plugins.runtime.errors import (
     NotFound,
 )
 from plugins.sqlite.db import Database
+from plugins.sqlite.docquery import Sql, json_path
 
 INDEX_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,62}")
 MAX_INDEX_FIELDS = 16
@@ -34,27 +36,13 @@ SCALAR_TYPES = "('integer', 'real', 'text', 'true', 'false')"
 _SQL_INDEX_RE = re.compile(r"index '([^']+)'")
 
 DOC_COLUMNS = "id, body, revision, create_time, update_time"
-
-
-def check_path(path: str, field: str) -> str:
-    """A field path: dot-joined member names, each non-empty and not starting with `$`.
-
-    SQLite's JSON paths cannot name a member containing a double quote, so such names are
-    refused here rather than silently matching nothing."""
-    names = path.split(".")
-    for name in names:
-        if not name:
-            raise InvalidArgument(field, f"bad path {path!r}: empty member name")
-        if name.startswith("$"):
-            raise InvalidArgument(field, f"bad path {path!r}: member names cannot start with '$'")
-        if '"' in name:
-            raise InvalidArgument(field, f"bad path {path!r}: '\"' is not supported by sqlite")
-    return path
-
-
-def json_path(path: str) -> str:
-    """Field path → SQLite JSON path; every name quoted so digits never index arrays."""
-    return "$" + "".join(f'."{name}"' for name in path.split("."))
+ACCUMULATOR_NAMES = {
+    query_pb.ACCUMULATOR_OP_COUNT: "count",
+    query_pb.ACCUMULATOR_OP_SUM: "sum",
+    query_pb.ACCUMULATOR_OP_MIN: "min",
+    query_pb.ACCUMULATOR_OP_MAX: "max",
+    query_pb.ACCUMULATOR_OP_AVG: "avg",
+}
 
 
 def sql_literal(text: str) -> str:
@@ -238,6 +226,102 @@ class SqliteDocuments:
 
         return basic_pb.DeleteResponse(deleted=await self.db.write(job))
 
+    # -- query -------------------------------------------------------------------------------
+
+    async def _select(
+        self,
+        collection: str,
+        node: docfilter.Node,
+        ctx: CallContext,
+        *,
+        columns: str = DOC_COLUMNS,
+        spec: docfilter.SortSpec | None = None,
+        after: docfilter.SortKey | None = None,
+        limit: int = -1,
+    ) -> list[tuple[Any, ...]]:
+        """Rows of the collection matching `node`, in `spec` order after `after`."""
+        sql = Sql()
+        where = sql.where(node)
+        if spec is not None and after is not None:
+            where += " AND " + sql.after(spec, after)
+        order = f" ORDER BY {sql.order_by(spec)}" if spec is not None else ""
+        statement = (
+            f"SELECT {columns} FROM docs WHERE ns = :ns AND collection = :collection "
+            f"AND {where}{order} LIMIT :limit"
+        )
+        params = {**sql.params, "ns": ctx.namespace, "collection": collection, "limit": limit}
+        return await self.db.read(lambda c: c.execute(statement, params).fetchall())
+
+    async def find(self, request: query_pb.FindRequest, ctx: CallContext) -> query_pb.FindResponse:
+        collection = validation.collection(request.collection)
+        node = docfilter.parse_filter(request.filter)
+        spec = docfilter.parse_sort([(s.field, s.descending) for s in request.sort])
+        size = validation.page_size(request.page_size)
+        scope = docfilter.token_scope(collection, request.filter, spec.canonical())
+        position = validation.decode_page_token(request.page_token, "sqlite.find", scope)
+        after = None if position is None else docfilter.key_from_position(position, spec)
+        rows = await self._select(collection, node, ctx, spec=spec, after=after, limit=size + 1)
+        token = ""
+        if len(rows) > size:
+            rows = rows[:size]
+            last = spec.key(rows[-1][0], json.loads(rows[-1][1]))
+            token = validation.encode_page_token("sqlite.find", scope, last.position())
+        return query_pb.FindResponse(
+            documents=[to_document(r) for r in rows], next_page_token=token
+        )
+
+    async def find_one(
+        self, request: query_pb.FindOneRequest, ctx: CallContext
+    ) -> query_pb.FindOneResponse:
+        collection = validation.collection(request.collection)
+        node = docfilter.parse_filter(request.filter)
+        spec = docfilter.parse_sort([(s.field, s.descending) for s in request.sort])
+        rows = await self._select(collection, node, ctx, spec=spec, limit=1)
+        if not rows:
+            return query_pb.FindOneResponse(found=False)
+        return query_pb.FindOneResponse(found=True, document=to_document(rows[0]))
+
+    async def count(
+        self, request: query_pb.CountRequest, ctx: CallContext
+    ) -> query_pb.CountResponse:
+        collection = validation.collection(request.collection)
+        node = docfilter.parse_filter(request.filter)
+        rows = await self._select(collection, node, ctx, columns="count(*)")
+        return query_pb.CountResponse(count=int(rows[0][0]))
+
+    async def aggregate(
+        self, request: query_pb.AggregateRequest, ctx: CallContext
+    ) -> query_pb.AggregateResponse:
+        """Filtered in SQL, grouped by the shared docfilter.aggregate so the grouping and
+        accumulator rules are the same on every backend."""
+        collection = validation.collection(request.collection)
+        node = docfilter.parse_filter(request.filter)
+        spec = docfilter.parse_aggregate(
+            request.group_by,
+            request.unwind,
+            [(ACCUMULATOR_NAMES.get(a.op), a.field) for a in request.accumulators],
+        )
+        size = validation.page_size(request.page_size)
+        scope = docfilter.token_scope(collection, request.filter, spec.canonical())
+        position = validation.decode_page_token(request.page_token, "sqlite.aggregate", scope)
+        rows = await self._select(collection, node, ctx, columns="body")
+        groups = docfilter.aggregate((json.loads(r[0]) for r in rows), spec)
+        if position is not None:
+            groups = [(g, v) for g, v in groups if docfilter.group_after(g, position)]
+        token = ""
+        if len(groups) > size:
+            groups = groups[:size]
+            token = validation.encode_page_token(
+                "sqlite.aggregate", scope, docfilter.group_position(groups[-1][0])
+            )
+        return query_pb.AggregateResponse(
+            groups=[
+                query_pb.AggregateGroup(key_json=g.key_json, count=g.count, values_json=values)
+                for g, values in groups
+            ],
+            next_page_token=token,
+        )
+
     # -- indexing ----------------------------------------------------------------------------
 
     async def create_index(
@@ -346,9 +430,10 @@ def _checked_index(requested: index_pb.Index) -> index_pb.Index:
         index.kind = index_pb.INDEX_KIND_VALUE
     seen: set[str] = set()
     for i, f in enumerate(index.fields):
-        check_path(f.path, f"index.fields[{i}].path")
+        where = f"index.fields[{i}].path"
+        json_path(docfilter.parse_path(f.path, where), where)
         if f.path in seen:
-            raise InvalidArgument(f"index.fields[{i}].path", f"repeats {f.path!r}")
+            raise InvalidArgument(where, f"repeats {f.path!r}")
         seen.add(f.path)
         if index.kind == index_pb.INDEX_KIND_TEXT and f.descending:
             raise InvalidArgument(f"fields[{i}].descending", "text index fields have no order")
@@ -367,7 +452,7 @@ def _index_ddl(sql_name: str, ns: str, collection: str, index: index_pb.Index) -
     columns = ["ns", "collection"]
     scalar_checks = []
     for f in index.fields:
-        path = sql_literal(json_path(f.path))
+        path = sql_literal(json_path(tuple(f.path.split("."))))
         order = " DESC" if f.descending else ""
         columns.append(
             f"(CASE json_type(body, {path}) WHEN 'integer' THEN 'number' "

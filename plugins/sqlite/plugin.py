@@ -78,6 +78,7 @@ class SqlitePlugin(BackendPlugin):
             "keyvalue_transactional": self.keyvalue,
             "document_basic": self.documents,
             "document_indexing": self.documents,
+            "document_query": self.documents,
         }
 
     async def start(self) -> None:

@@ -1,0 +1,144 @@
+"""The shared filter AST (plugins/runtime/docfilter.py) and sort order, as parameterized SQL.
+
+Every value and JSON path is a bound parameter; only fixed SQL fragments are concatenated.
+Each condition is wrapped in IFNULL(..., 0) so it is always 0 or 1: SQL's three-valued logic
+would otherwise turn `$not` / `$ne` of a missing field into "unknown" and drop the row.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from plugins.runtime import docfilter
+from plugins.runtime.docfilter import And, Condition, Node, Not, SortKey, SortSpec
+from plugins.runtime.errors import InvalidArgument
+
+NUMBER_TYPES = "('integer', 'real')"
+NULL_ELEMENT = "type = 'null'"
+_CMP_SQL = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
+_RANK_SQL = (
+    "CASE json_type(body, {p}) WHEN 'integer' THEN 1 WHEN 'real' THEN 1 WHEN 'text' THEN 2 "
+    "WHEN 'true' THEN 3 WHEN 'false' THEN 3 WHEN 'array' THEN 4 WHEN 'object' THEN 4 ELSE 0 END"
+)
+_VALUE_SQL = (
+    "CASE WHEN json_type(body, {p}) IN ('array', 'object') THEN NULL "
+    "ELSE json_extract(body, {p}) END"
+)
+
+
+def json_path(path: docfilter.Path, field: str = "filter") -> str:
+    """Field path → SQLite JSON path; every name quoted so digits never index arrays.
+
+    SQLite 3.40's JSON paths cannot spell a member name containing a double quote, so such a
+    path is refused rather than silently matching nothing."""
+    for name in path:
+        if '"' in name:
+            raise InvalidArgument(field, f"field name {name!r}: '\"' is not supported by sqlite")
+    return "$" + "".join(f'."{name}"' for name in path)
+
+
+class Sql:
+    """A WHERE/ORDER BY fragment being built and its named parameters (`:p0`, `:p1`, ...)."""
+
+    def __init__(self) -> None:
+        self.params: dict[str, Any] = {}
+
+    def p(self, value: Any) -> str:
+        name = f"p{len(self.params)}"
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:
+            value = float(value)  # as SQLite's JSON1 reads such a number
+        self.params[name] = value
+        return ":" + name
+
+    # -- filter ------------------------------------------------------------------------------
+
+    def where(self, node: Node) -> str:
+        if isinstance(node, Condition):
+            return f"IFNULL({self._condition(node)}, 0)"
+        if isinstance(node, Not):
+            return f"(NOT {self.where(node.child)})"
+        if not node.children:
+            return "1" if isinstance(node, And) else "0"
+        joiner = " AND " if isinstance(node, And) else " OR "
+        return "(" + joiner.join(self.where(c) for c in node.children) + ")"
+
+    def _condition(self, c: Condition) -> str:
+        path = self.p(json_path(c.path))
+        if c.op == "$eq":
+            return self._eq(path, c.operand)
+        if c.op == "$ne":
+            return f"(NOT IFNULL({self._eq(path, c.operand)}, 0))"
+        if c.op == "$exists":
+            return f"(json_type(body, {path}) IS {'NOT ' if c.operand else ''}NULL)"
+        if c.op in _CMP_SQL:
+            return self._scalar_or_element(path, _types(c.operand), _CMP_SQL[c.op], c.operand)
+        if not c.operand:  # $in / $all of nothing match nothing; $nin of nothing everything
+            return "1" if c.op == "$nin" else "0"
+        parts = [f"IFNULL({self._eq(path, v)}, 0)" for v in c.operand]
+        if c.op == "$all":
+            return "(" + " AND ".join(parts) + ")"
+        any_of = "(" + " OR ".join(parts) + ")"
+        return any_of if c.op == "$in" else f"(NOT {any_of})"
+
+    def _eq(self, path: str, operand: Any) -> str:
+        """{"$eq": operand}: equal, or an array with an equal element (one level deep)."""
+        if operand is None:
+            return (
+                f"(json_type(body, {path}) IS NULL OR json_type(body, {path}) = 'null' "
+                f"OR {_element(path, NULL_ELEMENT)})"
+            )
+        if isinstance(operand, bool):
+            name = "'true'" if operand else "'false'"
+            return f"(json_type(body, {path}) = {name} OR {_element(path, f'type = {name}')})"
+        return self._scalar_or_element(path, _types(operand), "=", operand)
+
+    def _scalar_or_element(self, path: str, types: str, op: str, operand: Any) -> str:
+        value = self.p(operand)
+        scalar = f"(json_type(body, {path}) IN {types} AND json_extract(body, {path}) {op} {value})"
+        return f"({scalar} OR {_element(path, f'type IN {types} AND value {op} {value}')})"
+
+    # -- sort --------------------------------------------------------------------------------
+
+    def _sort_exprs(self, path: docfilter.Path) -> tuple[str, str]:
+        jp = self.p(json_path(path, "sort"))
+        return _RANK_SQL.format(p=jp), _VALUE_SQL.format(p=jp)
+
+    def order_by(self, spec: SortSpec) -> str:
+        terms = []
+        for path, descending in spec.fields:
+            direction = " DESC" if descending else ""
+            rank, value = self._sort_exprs(path)
+            terms += [rank + direction, value + direction]
+        return ", ".join([*terms, "id"])
+
+    def after(self, spec: SortSpec, key: SortKey) -> str:
+        """Rows strictly after `key` in `spec`'s order (keyset pagination): equal on the first
+        j sort values and beyond on value j, for some j, or equal on all and a greater id."""
+        exprs = [self._sort_exprs(path) for path, _ in spec.fields]
+        bounds = [(self.p(rank), self.p(value)) for rank, value in key.values]
+        alternatives = []
+        for j in range(len(spec.fields) + 1):
+            equal = [
+                f"{r} = {rank} AND {v} IS {value}"
+                for (r, v), (rank, value) in zip(exprs[:j], bounds[:j], strict=True)
+            ]
+            if j == len(spec.fields):
+                beyond = f"id > {self.p(key.doc_id)}"
+            else:
+                (r, v), (rank, value) = exprs[j], bounds[j]
+                op = "<" if spec.fields[j][1] else ">"
+                beyond = f"({r} {op} {rank} OR ({r} = {rank} AND {v} {op} {value}))"
+            alternatives.append("(" + " AND ".join([*equal, beyond]) + ")")
+        return "(" + " OR ".join(alternatives) + ")"
+
+
+def _types(operand: Any) -> str:
+    return NUMBER_TYPES if isinstance(operand, int | float) else "('text')"
+
+
+def _element(path: str, test: str) -> str:
+    """Some element of the array at `path` passes `test` (a condition on json_each's row)."""
+    return (
+        f"(json_type(body, {path}) = 'array' AND EXISTS "
+        f"(SELECT 1 FROM json_each(body, {path}) WHERE {test}))"
+    )
