@@ -7,7 +7,7 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
@@ -150,3 +150,73 @@ def document_json(text: str, field: str = "json") -> dict[str, Any]:
     if _depth(body) > MAX_DOCUMENT_DEPTH:
         raise InvalidArgument(field, f"nests deeper than {MAX_DOCUMENT_DEPTH} levels")
     return body
+
+
+# Queues ------------------------------------------------------------------------------------
+MAX_ATTRIBUTES = 64
+MAX_ATTRIBUTE_KEY_BYTES = 256
+MAX_ATTRIBUTE_VALUE_BYTES = 4096
+MAX_DEQUEUE = 100
+MAX_WAIT_SECONDS = 20.0
+MAX_VISIBILITY_SECONDS = 12 * 3600.0
+
+
+def queue_name(name: str, field: str = "queue") -> str:
+    """Queue names follow the collection rule: ^[a-z][a-z0-9_-]{0,62}$."""
+    return collection(name, field)
+
+
+def attributes(values: Mapping[str, str], field: str = "attributes") -> dict[str, str]:
+    if len(values) > MAX_ATTRIBUTES:
+        raise InvalidArgument(field, f"more than {MAX_ATTRIBUTES} entries")
+    for name, text in values.items():
+        if not name:
+            raise InvalidArgument(field, "keys must not be empty")
+        if len(name.encode("utf-8")) > MAX_ATTRIBUTE_KEY_BYTES:
+            raise InvalidArgument(field, f"key {name[:32]!r} longer than 256 bytes")
+        if len(text.encode("utf-8")) > MAX_ATTRIBUTE_VALUE_BYTES:
+            raise InvalidArgument(field, f"value of {name[:32]!r} longer than 4096 bytes")
+    return dict(values)
+
+
+def max_messages(count: int, field: str = "max_messages") -> int:
+    """0 → 1; otherwise 1 to 100."""
+    if count == 0:
+        return 1
+    if not 1 <= count <= MAX_DEQUEUE:
+        raise InvalidArgument(field, f"must be 0 to {MAX_DEQUEUE}")
+    return count
+
+
+def _seconds(duration: Duration) -> float:
+    return duration.seconds + duration.nanos / 1e9
+
+
+def wait_time(duration: Duration, present: bool, field: str = "wait_time") -> float:
+    """Long-poll time in seconds: unset or 0 → 0 (do not wait); at most 20 s."""
+    seconds = _seconds(duration) if present else 0.0
+    if seconds < 0:
+        raise InvalidArgument(field, "must not be negative")
+    if seconds > MAX_WAIT_SECONDS:
+        raise InvalidArgument(field, "must be at most 20 seconds")
+    return seconds
+
+
+def visibility_timeout(
+    duration: Duration, present: bool, field: str = "visibility_timeout"
+) -> float:
+    """A lease length in seconds: required, above 0, at most 12 hours."""
+    if not present:
+        raise InvalidArgument(field, "is required")
+    seconds = _seconds(duration)
+    if seconds <= 0:
+        raise InvalidArgument(field, "must be positive")
+    if seconds > MAX_VISIBILITY_SECONDS:
+        raise InvalidArgument(field, "must be at most 12 hours")
+    return seconds
+
+
+def receipt_handle(handle: str, field: str = "receipt_handle") -> str:
+    if not handle:
+        raise InvalidArgument(field, "must not be empty")
+    return handle
