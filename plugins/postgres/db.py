@@ -1,0 +1,188 @@
+"""The connection pool behind the plugin, and the one place driver errors become domain errors.
+
+Every call borrows a connection for at most the caller's remaining deadline (capped by
+`op_timeout`): waiting for a free connection, connecting, and running the statements all count
+against it, so an unreachable or stalled server answers UNAVAILABLE in time instead of hanging.
+Pooled connections are autocommit. A connection idle for more than FRESH_SECONDS is checked
+with a round trip when borrowed, so connections broken by a server restart are dropped and
+replaced without the caller seeing them; a connection used a moment ago skips the check (it
+halves the cost of a call) — if the server died in that moment, the call fails UNAVAILABLE,
+which it would have anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import weakref
+from collections.abc import AsyncIterator
+from typing import NoReturn
+
+import psycopg
+from psycopg import AsyncConnection, errors
+from psycopg.rows import TupleRow
+from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
+
+from plugins.postgres.schema import migrate
+from plugins.runtime.context import CallContext
+from plugins.runtime.errors import Aborted, Unavailable
+
+log = logging.getLogger(__name__)
+
+Conn = AsyncConnection[TupleRow]
+
+#: a connection returned to the pool less than this long ago is lent without a check
+FRESH_SECONDS = 1.0
+
+#: SQLSTATEs meaning "another transaction got in the way": retrying the whole unit can succeed
+CONFLICTS = (errors.SerializationFailure, errors.DeadlockDetected, errors.LockNotAvailable)
+
+
+#: what a driver call can fail with that translate() knows how to map
+DRIVER_ERRORS = (psycopg.Error, PoolTimeout, PoolClosed, TimeoutError)
+
+
+def unavailable(exc: BaseException) -> Unavailable:
+    return Unavailable(f"postgres unavailable: {exc}".strip(), backend="postgres")
+
+
+def conflict(exc: BaseException) -> Aborted:
+    return Aborted(
+        f"conflicting concurrent transaction ({exc}); retry the whole transaction",
+        reason="TRANSACTION_CONFLICT",
+    )
+
+
+def translate(exc: BaseException, timeout: float) -> NoReturn:
+    """Raise the domain error for a driver/pool/timeout failure; anything else is re-raised as
+    is (a bug, reported as INTERNAL)."""
+    if isinstance(exc, CONFLICTS):
+        raise conflict(exc) from exc
+    if isinstance(exc, TimeoutError | PoolTimeout):
+        raise Unavailable(
+            f"postgres did not answer within {timeout:.3g}s", backend="postgres"
+        ) from exc
+    if isinstance(exc, psycopg.OperationalError | PoolClosed) or (
+        isinstance(exc, psycopg.InterfaceError | psycopg.InternalError)
+        and not isinstance(exc, errors.InFailedSqlTransaction)
+    ):
+        raise unavailable(exc) from exc
+    raise exc
+
+
+class Database:
+    """An AsyncConnectionPool plus schema migration on first successful connect."""
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        min_size: int,
+        max_size: int,
+        op_timeout: float,
+        connect_timeout: float,
+        lock_timeout_ms: int,
+    ) -> None:
+        self.op_timeout = op_timeout
+        self.connect_timeout = connect_timeout
+        self.pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
+            conninfo,
+            kwargs={
+                "autocommit": True,
+                "connect_timeout": max(1, round(connect_timeout)),
+                "options": f"-c lock_timeout={int(lock_timeout_ms)}",
+                "application_name": "prism",
+            },
+            min_size=min_size,
+            max_size=max_size,
+            open=False,
+            check=self._check,
+            timeout=op_timeout,
+            # Give up background reconnects quickly: the pool then grows again on the next
+            # request, so a restarted server is picked up at once rather than after a long
+            # exponential backoff.
+            reconnect_timeout=connect_timeout,
+            name="prism-postgres",
+        )
+        self._last_used: weakref.WeakKeyDictionary[Conn, float] = weakref.WeakKeyDictionary()
+        self._opened = False
+        self._migrated = False
+        self._migrate_lock = asyncio.Lock()
+        self.server_version = ""
+
+    async def _check(self, conn: Conn) -> None:
+        if time.monotonic() - self._last_used.get(conn, 0.0) > FRESH_SECONDS:
+            await AsyncConnectionPool.check_connection(conn)
+
+    async def open(self) -> None:
+        """Open the pool and migrate; Unavailable (fast) when the server cannot be reached."""
+        if not self._opened:
+            await self.pool.open(wait=False)
+            self._opened = True
+        await self._ensure_migrated(self.connect_timeout)
+
+    async def close(self) -> None:
+        if self._opened:
+            self._opened = False
+            await self.pool.close(timeout=5.0)
+
+    async def _ensure_migrated(self, limit: float) -> None:
+        if self._migrated:
+            return
+        async with self._migrate_lock:
+            if self._migrated:
+                return
+            try:
+                async with asyncio.timeout(limit):
+                    async with self.pool.connection(timeout=limit) as conn:
+                        await migrate(conn)
+                        self.server_version = str(conn.info.server_version)
+            except DRIVER_ERRORS as exc:
+                translate(exc, limit)
+            self._migrated = True
+
+    @contextlib.asynccontextmanager
+    async def connection(self, ctx: CallContext) -> AsyncIterator[Conn]:
+        """A pooled autocommit connection for one call, everything bounded by the deadline."""
+        timeout = ctx.timeout(self.op_timeout)
+        if not self._opened:
+            raise Unavailable("postgres plugin is not started", backend="postgres")
+        await self._ensure_migrated(timeout)
+        try:
+            async with asyncio.timeout(timeout):
+                async with self.pool.connection(timeout=timeout) as conn:
+                    try:
+                        yield conn
+                    finally:
+                        self._last_used[conn] = time.monotonic()
+        except DRIVER_ERRORS as exc:
+            translate(exc, timeout)
+
+    async def dedicated(self, limit: float) -> Conn:
+        """A connection taken out of the pool (for a transaction held across calls); give it
+        back with `release`."""
+        if not self._opened:
+            raise Unavailable("postgres plugin is not started", backend="postgres")
+        await self._ensure_migrated(limit)
+        try:
+            async with asyncio.timeout(limit):
+                return await self.pool.getconn(timeout=limit)
+        except DRIVER_ERRORS as exc:
+            translate(exc, limit)
+
+    async def release(self, conn: Conn) -> None:
+        """Return a dedicated connection; the pool resets (rolls back) or discards it."""
+        with contextlib.suppress(PoolClosed):
+            await self.pool.putconn(conn)
+
+    async def ping(self, limit: float) -> bool:
+        try:
+            async with asyncio.timeout(limit):
+                async with self.pool.connection(timeout=limit) as conn:
+                    await conn.execute("SELECT 1")
+        except DRIVER_ERRORS as exc:
+            log.debug("postgres health check failed: %r", exc)
+            return False
+        return True

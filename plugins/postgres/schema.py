@@ -1,0 +1,63 @@
+"""The schema as an append-only list of versioned migrations, recorded in schema_migrations.
+
+`migrate` runs in one transaction under a transaction-scoped advisory lock, so two servers
+starting at once against the same database apply each migration exactly once (the second waits,
+then finds nothing left to do). PostgreSQL DDL is transactional: a failing migration leaves
+nothing half-applied. Never edit a migration that has shipped: append a new one.
+"""
+
+from __future__ import annotations
+
+from typing import LiteralString
+
+from psycopg import AsyncConnection
+from psycopg.rows import TupleRow
+
+#: arbitrary constant naming "the Prism schema" for pg_advisory_xact_lock
+MIGRATION_LOCK_ID = 0x50_52_49_53_4D  # "PRISM"
+
+MIGRATIONS: list[tuple[LiteralString, ...]] = [
+    # 1: key-value entries and the global revision sequence. Keys are bytea so that ordering
+    # and prefix ranges are plain UTF-8 byte order (the scan contract) whatever the database's
+    # collation, and NUL characters round-trip.
+    (
+        "CREATE SEQUENCE prism_revision AS bigint",
+        """CREATE TABLE prism_kv (
+            ns text COLLATE "C" NOT NULL,
+            key bytea NOT NULL,
+            value bytea NOT NULL,
+            revision bigint NOT NULL,
+            expires_at timestamptz,
+            PRIMARY KEY (ns, key)
+        )""",
+        "CREATE INDEX prism_kv_expiry ON prism_kv (expires_at) WHERE expires_at IS NOT NULL",
+    ),
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class SchemaTooNew(Exception):
+    """The database was migrated by a newer plugin; refusing beats silently misreading it."""
+
+
+async def migrate(conn: AsyncConnection[TupleRow]) -> int:
+    """Bring the schema up to SCHEMA_VERSION; returns the version found before migrating."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_ID,))
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            "version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        cur = await conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations")
+        row = await cur.fetchone()
+        found = int(row[0]) if row else 0
+        if found > SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"database schema version {found} is newer than this plugin's {SCHEMA_VERSION}"
+            )
+        for version, statements in enumerate(MIGRATIONS[found:], start=found + 1):
+            for statement in statements:
+                await conn.execute(statement)
+            await conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+    return found
