@@ -28,8 +28,10 @@ class InvalidArgument(PrismError):
     code = grpc.StatusCode.INVALID_ARGUMENT
     default_reason = "INVALID_ARGUMENT"
 
-    def __init__(self, field: str, description: str, **metadata: object) -> None:
-        super().__init__(f"{field}: {description}", field=field, **metadata)  # type: ignore[arg-type]
+    def __init__(
+        self, field: str, description: str, *, reason: str | None = None, **metadata: object
+    ) -> None:
+        super().__init__(f"{field}: {description}", reason=reason, field=field, **metadata)
         self.field = field
         self.description = description
 
@@ -120,6 +122,6 @@ def error_for_code(
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         field = metadata.pop("field", "request")
         description = message.removeprefix(f"{field}: ")
-        return InvalidArgument(field, description, **metadata)
+        return InvalidArgument(field, description, reason=reason, **metadata)
     cls = _BY_CODE.get(code, Internal)
     return cls(message, reason=reason, **metadata)

@@ -89,10 +89,10 @@ def _prepare(
 
 
 def _unary_handler(
-    info: InterfaceInfo, method: _descriptor.MethodDescriptor, resolve: Resolver
+    method: _descriptor.MethodDescriptor, resolve: Resolver
 ) -> grpc.RpcMethodHandler[Any, Any]:
     name = method_name(method.name)
-    fallback: Mapping[str, str] = {"interface": info.id}
+    fallback: Mapping[str, str] = {}
 
     async def handle(request: _message.Message, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         request_id, labels = "", fallback
@@ -111,10 +111,10 @@ def _unary_handler(
 
 
 def _stream_handler(
-    info: InterfaceInfo, method: _descriptor.MethodDescriptor, resolve: Resolver
+    method: _descriptor.MethodDescriptor, resolve: Resolver
 ) -> grpc.RpcMethodHandler[Any, Any]:
     name = method_name(method.name)
-    fallback: Mapping[str, str] = {"interface": info.id}
+    fallback: Mapping[str, str] = {}
 
     async def handle(
         request: _message.Message, context: grpc.aio.ServicerContext[Any, Any]
@@ -134,16 +134,18 @@ def _stream_handler(
     )
 
 
-def service_handler(info: InterfaceInfo, resolve: Resolver) -> grpc.GenericRpcHandler[Any, Any]:
-    """A handler serving every RPC of `info`'s service by calling the contract method of the
-    object `resolve` picks for the call's namespace."""
+def service_handler(
+    service: _descriptor.ServiceDescriptor, resolve: Resolver
+) -> grpc.GenericRpcHandler[Any, Any]:
+    """A handler serving every RPC of `service` by calling the contract method (snake_case of
+    the RPC) of the object `resolve` picks for the call's namespace."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
-    for method in info.service.methods:
+    for method in service.methods:
         if method.client_streaming:
-            raise ValueError(f"{info.service_name}/{method.name}: client streaming unsupported")
+            raise ValueError(f"{service.full_name}/{method.name}: client streaming unsupported")
         build = _stream_handler if method.server_streaming else _unary_handler
-        handlers[method.name] = build(info, method, resolve)
-    return grpc.method_handlers_generic_handler(info.service_name, handlers)
+        handlers[method.name] = build(method, resolve)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
 class ContractProxy:

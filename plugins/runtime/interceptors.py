@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 import grpc.aio
@@ -23,8 +23,8 @@ from plugins.runtime.grpc_adapter import NAMESPACE_HEADER, REQUEST_ID_HEADER, cu
 
 access_log = logging.getLogger("prism.access")
 
-Context = grpc.aio.ServicerContext[Any, Any]
-Handler = grpc.RpcMethodHandler[Any, Any]
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
 class RequestLogInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]

@@ -105,7 +105,7 @@ class Sidecar:
                 ns = namespace or DEFAULT_NAMESPACE
                 return Target(ns, impl, {**lab, "namespace": ns})
 
-            self.server.add_generic_rpc_handlers((service_handler(info, resolve),))
+            self.server.add_generic_rpc_handlers((service_handler(info.service, resolve),))
             services.append(info.service_name)
         plugin_pb2_grpc.add_PluginServiceServicer_to_server(_PluginService(plugin), self.server)
         self.health.watch([*services, PLUGIN_SERVICE], plugin.check_health)

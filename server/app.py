@@ -1,0 +1,175 @@
+"""`create_server()`: validated config → bound slots → routed gRPC services, health, reflection.
+
+The config is checked with prismctl.config, exactly what `prismctl validate` checks; any error
+finding refuses the start (ConfigError carries them). Tests and embedders bind port 0 and read
+`PrismServer.port`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import yaml
+
+from plugins.runtime.interceptors import RequestLogInterceptor
+from plugins.runtime.serving import Check, HealthMonitor, enable_reflection
+from prismctl.config import ConfigResult, Diagnostic, load_config, validate_config_data
+from prismctl.diagnostics import has_errors
+from prismctl.registry import Registry, load_registry
+from server.binding import Binder, BindError, SlotBinding
+from server.patterns import BoundNamespace, executor_for
+from server.router import Router
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+EMBEDDED_SOURCE = "<embedded default config>"
+
+
+def embedded_default() -> dict[str, Any]:
+    """No config given: namespace `default` on pattern `direct` with SQLite keyvalue, document
+    and queue slots (one database file in the data directory)."""
+    sqlite = {"backend": "sqlite", "config": {"connection": "sqlite:///prism.db"}}
+    return {
+        "namespaces": [
+            {
+                "name": "default",
+                "pattern": "direct",
+                "pattern_version": "v1",
+                "slots": {slot: dict(sqlite) for slot in ("keyvalue", "document", "queue")},
+            }
+        ]
+    }
+
+
+class ConfigError(Exception):
+    """The config has findings; the server does not start."""
+
+    def __init__(self, diagnostics: list[Diagnostic]) -> None:
+        super().__init__(f"{len(diagnostics)} configuration finding(s)")
+        self.diagnostics = diagnostics
+
+
+class StartupError(Exception):
+    """A slot could not be bound or the address cannot be listened on."""
+
+
+@dataclass
+class ServerOptions:
+    listen: str = "127.0.0.1:0"
+    #: a YAML file, an already-parsed mapping, or None for the embedded default
+    config: Path | Mapping[str, Any] | None = None
+    data_dir: Path = field(default_factory=lambda: Path("data"))
+    registry: Registry | None = None
+    health_interval: float = 1.0
+    grace: float = 5.0
+
+
+def check_config(options: ServerOptions, registry: Registry) -> ConfigResult:
+    if isinstance(options.config, Path):
+        return load_config(options.config, registry)
+    data = embedded_default() if options.config is None else dict(options.config)
+    source = EMBEDDED_SOURCE if options.config is None else "<config mapping>"
+    return validate_config_data(data, source, registry, text=yaml.safe_dump(data, sort_keys=False))
+
+
+class PrismServer:
+    """A bound, not yet started server. `start()`, then `stop()` or `wait_for_termination()`."""
+
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        port: int,
+        host: str,
+        binder: Binder,
+        health: HealthMonitor,
+        router: Router,
+        grace: float,
+    ) -> None:
+        self.server = server
+        self.port = port
+        self.address = f"{host}:{port}"
+        self.binder = binder
+        self.health = health
+        self.router = router
+        self.grace = grace
+        self.data_dir = binder.data_dir
+
+    @property
+    def services(self) -> list[str]:
+        return self.router.services
+
+    async def start(self) -> None:
+        await self.health.start()
+        await self.server.start()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING first (so balancers drain), then finish in-flight calls, then close
+        plugins and sidecar channels."""
+        await self.health.shutdown()
+        await self.server.stop(self.grace if grace is None else grace)
+        await self.binder.close()
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def create_server(options: ServerOptions) -> PrismServer:
+    registry = options.registry or load_registry()
+    result = check_config(options, registry)
+    if has_errors(registry.diagnostics):
+        raise ConfigError([d for d in registry.diagnostics if d.severity == "error"])
+    if not result.ok:
+        raise ConfigError([d for d in result.diagnostics if d.severity == "error"])
+    options.data_dir.mkdir(parents=True, exist_ok=True)
+    binder = Binder(registry, options.data_dir)
+    try:
+        return await _assemble(options, registry, result, binder)
+    except BaseException:
+        await binder.close()
+        raise
+
+
+async def _assemble(
+    options: ServerOptions, registry: Registry, result: ConfigResult, binder: Binder
+) -> PrismServer:
+    router = Router(ns.name for ns in result.namespaces)
+    health = HealthMonitor(options.health_interval)
+    checks: dict[Check, set[str]] = {}
+    for ns in result.namespaces:
+        slots: dict[str, SlotBinding] = {}
+        try:
+            for slot in ns.slots.values():
+                slots[slot.name] = await binder.bind(
+                    ns.name,
+                    slot.name,
+                    {"backend": slot.backend, "config": slot.config, "address": slot.address},
+                    slot.interfaces,
+                )
+            pattern = registry.patterns[ns.pattern]
+            exposed = await executor_for(pattern)(BoundNamespace(ns.name, pattern, slots))
+            for item in exposed:
+                router.add(ns.name, item)
+        except BindError as exc:
+            raise StartupError(str(exc)) from None
+        for item in exposed:
+            for slot_name in item.slots:
+                checks.setdefault(slots[slot_name].check, set()).add(item.service.full_name)
+    for check, services in checks.items():
+        health.watch(sorted(services), check)
+    server = grpc.aio.server(interceptors=[RequestLogInterceptor()])
+    server.add_generic_rpc_handlers(tuple(router.handlers()))
+    health.add_to_server(server)
+    enable_reflection(server, router.services)
+    host = options.listen.rpartition(":")[0]
+    try:
+        port = server.add_insecure_port(options.listen)
+    except RuntimeError as exc:
+        with contextlib.suppress(Exception):
+            await server.stop(None)
+        raise StartupError(f"cannot listen on {options.listen}: {exc}") from None
+    return PrismServer(server, port, host, binder, health, router, options.grace)

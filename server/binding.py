@@ -1,0 +1,172 @@
+"""Slots → contract objects: an in-process plugin (via the loader) or a proxy to a sidecar.
+
+In-process plugins are shared by slots with the same backend and config (the embedded default's
+three slots use one SQLite file through one plugin). Sidecar channels are shared per address and
+reconnect quickly (~1 s backoff), so a sidecar that comes back is used again without a restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prism.plugin.v1 import plugin_pb2, plugin_pb2_grpc
+
+from plugins.runtime.base import BackendPlugin
+from plugins.runtime.grpc_adapter import ContractProxy
+from plugins.runtime.interfaces import catalog
+from plugins.runtime.loader import load_plugin
+from plugins.runtime.serving import Check
+from prismctl.registry import Registry
+
+#: keep reconnect attempts to a lost sidecar about a second apart (grpc's default backoff grows
+#: to two minutes, which would keep a returned sidecar unused for that long)
+CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+DESCRIBE_TIMEOUT = 5.0
+
+
+class BindError(Exception):
+    """A slot that cannot be bound; the message names namespace, slot and the reason."""
+
+
+@dataclass
+class SlotBinding:
+    """One filled slot: the contract object per interface it serves, and its health check."""
+
+    namespace: str
+    slot: str
+    backend: str
+    implementations: dict[str, object]
+    check: Check
+    address: str = ""
+
+
+@dataclass
+class Binder:
+    """Creates and owns plugins and sidecar channels for one server."""
+
+    registry: Registry
+    data_dir: Path
+    plugins: dict[str, BackendPlugin] = field(default_factory=dict)
+    channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
+
+    async def bind(
+        self, namespace: str, slot: str, slot_config: Mapping[str, Any], needed: list[str]
+    ) -> SlotBinding:
+        """Bind one slot, requiring it to serve every interface in `needed`."""
+        backend = str(slot_config["backend"])
+        where = f"namespace '{namespace}' slot '{slot}' ({backend})"
+        if slot_config.get("address"):
+            return await self._bind_sidecar(namespace, slot, backend, slot_config, needed, where)
+        plugin = await self._plugin(backend, dict(slot_config.get("config") or {}), where)
+        impls = plugin.implementations()
+        missing = [iid for iid in needed if iid not in impls]
+        if missing:
+            raise BindError(f"{where}: backend does not implement {', '.join(missing)}")
+        return SlotBinding(
+            namespace, slot, backend, {iid: impls[iid] for iid in needed}, plugin.check_health
+        )
+
+    async def _plugin(self, backend: str, config: dict[str, Any], where: str) -> BackendPlugin:
+        key = f"{backend}:{json.dumps(config, sort_keys=True)}"
+        plugin = self.plugins.get(key)
+        if plugin is None:
+            try:
+                plugin = load_plugin(backend, config, self.data_dir, self.registry)
+                await plugin.start()
+            except Exception as exc:
+                raise BindError(f"{where}: {exc}") from None
+            self.plugins[key] = plugin
+        return plugin
+
+    async def _bind_sidecar(
+        self,
+        namespace: str,
+        slot: str,
+        backend: str,
+        slot_config: Mapping[str, Any],
+        needed: list[str],
+        where: str,
+    ) -> SlotBinding:
+        address = str(slot_config["address"])
+        channel = self.channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self.channels[address] = channel
+        try:
+            described = await plugin_pb2_grpc.PluginServiceStub(channel).Describe(
+                plugin_pb2.DescribeRequest(), timeout=DESCRIBE_TIMEOUT, wait_for_ready=True
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise BindError(
+                f"{where}: sidecar at {address} did not answer Describe: "
+                f"{exc.code().name} {exc.details()}"
+            ) from None
+        verify_sidecar(described, backend, address, needed, where)
+        known = catalog()
+        labels = {"backend": backend, "namespace": namespace, "slot": slot, "address": address}
+        impls: dict[str, object] = {
+            iid: ContractProxy(known[iid], channel, {**labels, "interface": iid}) for iid in needed
+        }
+        return SlotBinding(
+            namespace, slot, backend, impls, sidecar_health_check(channel), address=address
+        )
+
+    async def close(self) -> None:
+        for plugin in self.plugins.values():
+            with contextlib.suppress(Exception):
+                await plugin.close()
+        for channel in self.channels.values():
+            await channel.close(None)
+        self.plugins.clear()
+        self.channels.clear()
+
+
+def verify_sidecar(
+    described: plugin_pb2.DescribeResponse,
+    backend: str,
+    address: str,
+    needed: list[str],
+    where: str,
+) -> None:
+    """Refuse a sidecar of another backend, or one lacking an interface or built from a
+    different proto file than this server."""
+    if described.backend != backend:
+        raise BindError(
+            f"{where}: sidecar at {address} serves backend '{described.backend}', not '{backend}'"
+        )
+    served = {i.id: i for i in described.interfaces}
+    known = catalog()
+    for iid in needed:
+        if iid not in served:
+            raise BindError(f"{where}: sidecar at {address} does not serve {iid}")
+        if served[iid].proto_sha256 != known[iid].proto_sha256:
+            raise BindError(
+                f"{where}: sidecar at {address} serves {iid} from a different "
+                f"{known[iid].proto_file} (proto_sha256 {served[iid].proto_sha256[:12]}… "
+                f"≠ {known[iid].proto_sha256[:12]}…)"
+            )
+
+
+def sidecar_health_check(channel: grpc.aio.Channel) -> Check:
+    stub = health_pb2_grpc.HealthStub(channel)
+
+    async def check() -> bool:
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=0.9)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    return check

@@ -1,0 +1,73 @@
+"""`prism-server [--config FILE] [--listen HOST:PORT] [--data-dir DIR]` (env PRISM_CONFIG,
+PRISM_LISTEN, PRISM_DATA_DIR). Exit codes: 0 clean shutdown, 1 config findings, 2 usage,
+3 cannot start (bind failure, unreachable backend or sidecar)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from plugins.runtime.serving import configure_logging, install_uvloop, on_shutdown_signals
+from server.app import DEFAULT_LISTEN, ConfigError, ServerOptions, StartupError, create_server
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="prism-server", description="Serve Prism over gRPC.")
+    env_config = os.environ.get("PRISM_CONFIG")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=Path(env_config) if env_config else None,
+        help="namespace config YAML (env PRISM_CONFIG; default: embedded SQLite namespace)",
+    )
+    parser.add_argument(
+        "--listen",
+        default=os.environ.get("PRISM_LISTEN", DEFAULT_LISTEN),
+        help=f"HOST:PORT, port 0 picks a free one (env PRISM_LISTEN; default {DEFAULT_LISTEN})",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get("PRISM_DATA_DIR", "data")),
+        help="where embedded backends keep their files (env PRISM_DATA_DIR; default ./data)",
+    )
+    return parser.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    options = ServerOptions(listen=args.listen, config=args.config, data_dir=args.data_dir)
+    server = await create_server(options)
+    await server.start()
+    source = args.config or "embedded default (namespace 'default', pattern direct, sqlite)"
+    print(f"prism-server: config {source}", flush=True)
+    print(f"prism-server: data in {server.data_dir.resolve()}", flush=True)
+    print(f"prism-server listening on {server.address}", flush=True)
+    stopping = asyncio.Event()
+    on_shutdown_signals(stopping.set)
+    await stopping.wait()
+    await server.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging()
+    install_uvloop()
+    try:
+        return asyncio.run(serve(args))
+    except ConfigError as exc:
+        for d in exc.diagnostics:
+            fix = f" (fix: {d.fix})" if d.fix else ""
+            print(f"{d.location}: {d.message} [{d.rule_id}]{fix}", file=sys.stderr)
+        return 1
+    except StartupError as exc:
+        print(f"prism-server: {exc}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Pattern executors: what a bound namespace serves.
+
+A pattern whose registry YAML says `exposes: slot-interfaces` (direct, keyvalue) is served by
+`slot_interfaces`. Any other pattern is served by the module `server.patterns.<pattern_name>`
+(dashes → underscores) providing `async def expose(namespace: BoundNamespace) -> list[Exposed]`.
+Executors see only contract objects, never which backend or mode fills a slot.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+from google.protobuf.descriptor import ServiceDescriptor
+
+from prismctl.registry import SLOT_INTERFACES, PatternSpec
+from server.binding import BindError, SlotBinding
+
+
+@dataclass(frozen=True)
+class BoundNamespace:
+    name: str
+    pattern: PatternSpec
+    slots: Mapping[str, SlotBinding]
+
+
+@dataclass(frozen=True)
+class Exposed:
+    """One gRPC service a namespace serves: the object answering it, ErrorInfo labels, and the
+    slots whose health it depends on."""
+
+    service: ServiceDescriptor
+    impl: object
+    labels: Mapping[str, str] = field(default_factory=dict)
+    slots: tuple[str, ...] = ()
+
+
+Executor = Callable[[BoundNamespace], Awaitable[list[Exposed]]]
+
+
+def executor_for(pattern: PatternSpec) -> Executor:
+    if pattern.exposes == SLOT_INTERFACES:
+        from server.patterns import slot_interfaces
+
+        return slot_interfaces.expose
+    module_name = f"server.patterns.{pattern.name.replace('-', '_')}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError:
+        raise BindError(
+            f"pattern '{pattern.name}' has no executor in this server ({module_name})"
+        ) from None
+    expose: Executor = module.expose
+    return expose
