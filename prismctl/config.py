@@ -14,6 +14,7 @@ from prismctl.registry import BackendSpec, PatternSpec, Registry, SlotSpec
 from prismctl.source import IOProblem, PathKey, Source, load_yaml, parse_yaml, schema_errors
 
 __all__ = [
+    "CONFIG_RULES",
     "ConfigResult",
     "Diagnostic",
     "NamespaceConfig",
@@ -23,6 +24,34 @@ __all__ = [
     "render_text",
     "validate_config_data",
 ]
+
+
+#: Every rule `prismctl validate` can report, with what it means (registry/README.md lists them).
+CONFIG_RULES: dict[str, str] = {
+    "IO_ERROR": "the file cannot be read (missing, a directory, permissions); exit code 3",
+    "NOT_UTF8": "the file is not UTF-8 text",
+    "EMPTY_FILE": "the file has no YAML document",
+    "YAML_SYNTAX": "the file is not valid YAML (or holds several documents)",
+    "YAML_KEY": "a mapping key is not a plain scalar",
+    "DUPLICATE_KEY": "a mapping repeats a key",
+    "SCHEMA": "the file does not match registry/schemas/config.schema.json "
+    "(top-level shape, wrong types, unknown keys, bad names or addresses)",
+    "DUPLICATE_NAMESPACE": "two namespaces share a name (also across files)",
+    "UNKNOWN_PATTERN": "the pattern is not in registry/patterns",
+    "UNKNOWN_PATTERN_VERSION": "the pattern has no such version",
+    "UNKNOWN_SLOT": "the pattern has no such slot",
+    "MISSING_REQUIRED_SLOT": "a required slot of the pattern is not filled",
+    "TOO_FEW_SLOTS": "the pattern needs more filled slots (direct: at least one)",
+    "UNKNOWN_BACKEND": "the backend is not in the registry",
+    "BACKEND_PLANNED": "warning: the backend has no plugin yet",
+    "BACKEND_CONFIG": "the slot's config is rejected by the backend's config_schema",
+    "CONNECTION_FORMAT": "config.connection does not match the backend's connection format",
+    "UNKNOWN_INTERFACE": "an interfaces entry names no interface in the registry",
+    "MISSING_REQUIRED_INTERFACE": "the backend lacks an interface the slot requires",
+    "REQUIRED_INTERFACE_NOT_LISTED": "the slot's interfaces list leaves out a required one",
+    "INTERFACE_NOT_IN_SLOT": "an interfaces entry the slot does not use",
+    "INTERFACE_NOT_IMPLEMENTED": "an interfaces entry the backend does not implement",
+}
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@ connection strings — checked by the same validator before it is emitted."""
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +121,13 @@ def generate_config(
     }
 
 
+def namespace_name_pattern(reg: Registry) -> str:
+    """The one definition of a valid namespace name: the config JSON Schema's."""
+    schema = json.loads((reg.schema_dir / "config.schema.json").read_text(encoding="utf-8"))
+    pattern: str = schema["properties"]["namespaces"]["items"]["properties"]["name"]["pattern"]
+    return pattern
+
+
 def _parse_slots(values: list[str]) -> dict[str, str]:
     chosen: dict[str, str] = {}
     for value in values:
@@ -134,6 +143,13 @@ def _parse_slots(values: list[str]) -> dict[str, str]:
 def cmd_generate(args: argparse.Namespace) -> int:
     reg = registry_from_args(args)
     chosen = _parse_slots(args.slot)
+    name_pattern = namespace_name_pattern(reg)
+    if not re.fullmatch(name_pattern, args.namespace):
+        print(
+            f"prismctl generate config: --namespace {args.namespace!r} must match {name_pattern}",
+            file=sys.stderr,
+        )
+        return EXIT_FINDINGS
     try:
         data = generate_config(reg, args.pattern, chosen, args.namespace)
     except Impossible as exc:

@@ -238,9 +238,13 @@ def _schema_finding(src: Source, err: ValidationError, path: PathKey, rule_id: s
         want = err.validator_value
         want_s = " or ".join(want) if isinstance(want, list) else str(want)
         return Diagnostic.at(
-            src.at(path), rule_id, f"{where}: expected {want_s}, got {got}", f"make it a {want_s}"
+            src.at(path), rule_id, f"{where}: expected {want_s}, got {got}", f"make it {_a(want_s)}"
         )
     return Diagnostic.at(src.at(path), rule_id, f"{where}: {err.message}")
+
+
+def _a(noun: str) -> str:
+    return f"an {noun}" if noun[:1] in "aeiou" else f"a {noun}"
 
 
 def _type_name(value: Any) -> str:
