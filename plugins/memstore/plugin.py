@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from plugins.memstore.document import MemstoreDocuments
 from plugins.memstore.keyvalue import KeyValueStore, MemstoreKeyValue
+from plugins.memstore.queue import MemstoreQueues
 from plugins.runtime.base import BackendPlugin
 
 DEFAULT_SWEEP_INTERVAL = 1.0
@@ -28,6 +29,13 @@ KEYVALUE_INTERFACES = (
     "keyvalue_transactional",
 )
 DOCUMENT_INTERFACES = ("document_basic", "document_query", "document_indexing", "document_search")
+QUEUE_INTERFACES = (
+    "queue_basic",
+    "queue_visibility",
+    "queue_dead_letter",
+    "queue_delayed",
+    "queue_priority",
+)
 
 
 class MemstorePlugin(BackendPlugin):
@@ -41,12 +49,14 @@ class MemstorePlugin(BackendPlugin):
         self.kv_store = KeyValueStore()
         self._kv = MemstoreKeyValue(self.kv_store)
         self._documents = MemstoreDocuments()
+        self.queues = MemstoreQueues()
         self._sweeper: asyncio.Task[None] | None = None
 
     def implementations(self) -> Mapping[str, object]:
         return {
             **dict.fromkeys(KEYVALUE_INTERFACES, self._kv),
             **dict.fromkeys(DOCUMENT_INTERFACES, self._documents),
+            **dict.fromkeys(QUEUE_INTERFACES, self.queues),
         }
 
     async def start(self) -> None:
@@ -69,6 +79,7 @@ class MemstorePlugin(BackendPlugin):
     def sweep(self) -> None:
         """One pass of background reclamation over every store."""
         self.kv_store.sweep()
+        self.queues.sweep()
 
     async def _sweep_forever(self) -> None:
         while True:
