@@ -1,0 +1,101 @@
+"""Redis dies mid-run (SIGKILL) and comes back on the same port and data dir: calls fail fast
+with UNAVAILABLE, health goes NOT_SERVING, and the plugin recovers on its own with every
+acknowledged write intact (the throwaway server fsyncs its append-only file on every write)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prism.interfaces.keyvalue.v1 import keyvalue_basic_pb2 as basic
+from prism.interfaces.keyvalue.v1.keyvalue_basic_pb2_grpc import KeyValueBasicServiceStub
+
+from tests.support.harness import namespaced, running_server
+from tests.support.servers import throwaway
+from tests.support.wait import eventually
+
+if TYPE_CHECKING:
+    from prism.interfaces.keyvalue.v1.keyvalue_basic_pb2_grpc import (
+        KeyValueBasicServiceAsyncStub,
+    )
+
+SERVICE = "prism.interfaces.keyvalue.v1.KeyValueBasicService"
+CALL_DEADLINE = 3.0
+META = namespaced("ns1")
+
+
+async def _status(health: health_pb2_grpc.HealthStub) -> int:
+    reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=2)
+    return int(reply.status)
+
+
+async def _get(kv: KeyValueBasicServiceAsyncStub, key: str) -> basic.GetResponse | None:
+    """The reply, or None while the backend is still unavailable."""
+    try:
+        reply: basic.GetResponse = await kv.Get(
+            basic.GetRequest(key=key), metadata=META, timeout=CALL_DEADLINE
+        )
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+        return None
+    return reply
+
+
+async def test_redis_killed_and_restarted(tmp_path: Path) -> None:
+    with throwaway("redis") as db:
+        slot = {"backend": "redis", "config": {"connection": db.url, "key_prefix": "fault:"}}
+        config = {"namespaces": [{"name": "ns1", "pattern": "direct", "slots": {"keyvalue": slot}}]}
+        async with (
+            running_server(config, tmp_path, health_interval=0.2) as server,
+            grpc.aio.insecure_channel(server.address) as channel,
+        ):
+            kv: KeyValueBasicServiceAsyncStub = KeyValueBasicServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            acknowledged = {}
+            for i in range(50):
+                reply = await kv.Set(
+                    basic.SetRequest(key=f"k{i}", value=f"v{i}".encode()), metadata=META
+                )
+                acknowledged[f"k{i}"] = (f"v{i}".encode(), reply.revision)
+            assert await _status(health) == health_pb2.HealthCheckResponse.SERVING
+
+            db.kill()
+
+            for call in (
+                kv.Get(basic.GetRequest(key="k1"), metadata=META, timeout=CALL_DEADLINE),
+                kv.Set(basic.SetRequest(key="lost", value=b"x"), metadata=META,
+                       timeout=CALL_DEADLINE),
+            ):  # fmt: skip
+                started = time.monotonic()
+                try:
+                    await call
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                else:
+                    raise AssertionError("a call succeeded while redis was down")
+                assert time.monotonic() - started < CALL_DEADLINE
+            await eventually(
+                lambda: _is(health, health_pb2.HealthCheckResponse.NOT_SERVING),
+                message="health did not go NOT_SERVING",
+            )
+
+            db.start()
+
+            await eventually(lambda: _get(kv, "k0"), timeout=15, message="plugin did not recover")
+            await eventually(
+                lambda: _is(health, health_pb2.HealthCheckResponse.SERVING),
+                message="health did not come back to SERVING",
+            )
+            for key, (value, revision) in acknowledged.items():
+                got = await _get(kv, key)
+                assert got is not None and got.found, key
+                assert (got.value, got.revision) == (value, revision)
+            after = await kv.Set(basic.SetRequest(key="k0", value=b"new"), metadata=META)
+            assert after.revision > max(r for _, r in acknowledged.values())
+
+
+async def _is(health: health_pb2_grpc.HealthStub, status: int) -> bool:
+    return await _status(health) == status

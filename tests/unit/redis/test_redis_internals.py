@@ -1,0 +1,168 @@
+"""Redis plugin internals the black-box conformance suite cannot see: the keyspace layout
+(namespace segments never collide), the key index forgetting expired keys, the blocking pool,
+Lua scripts surviving a flushed script cache, the slot's default TTL, and fail-fast start."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from google.protobuf.duration_pb2 import Duration
+from prism.interfaces.keyvalue.v1 import keyvalue_basic_pb2 as basic
+from prism.interfaces.keyvalue.v1 import keyvalue_scan_pb2 as scan
+from prism.interfaces.keyvalue.v1 import keyvalue_ttl_pb2 as ttl
+
+from plugins.redis import RedisPlugin
+from plugins.redis.keys import Keyspace, lex_range
+from plugins.runtime import validation
+from plugins.runtime.context import CallContext
+from plugins.runtime.errors import InvalidArgument, Unavailable
+from tests.support.servers import ThrowawayServer, free_port
+from tests.support.wait import eventually
+
+TRICKY = ["a", "a:", "a:k", "1:a", "k:", ":", "", "é", "a:b", "b"]
+
+
+def test_namespace_segments_never_collide() -> None:
+    """Every (namespace, key) pair maps to its own Redis key, and no data key equals another
+    namespace's index or expiry key, whatever separators the names contain."""
+    seen: dict[bytes, tuple[str, str]] = {}
+    for ns, key in itertools.product(TRICKY, [k for k in TRICKY if k] + ["i", "x", "1:a:k:a"]):
+        ks = Keyspace(b"p:", ns)
+        for redis_key, what in ((ks.data(key), key), (ks.index, "<index>"), (ks.expiring, "<x>")):
+            owner = (ns, what)
+            assert seen.setdefault(redis_key, owner) == owner, (redis_key, owner)
+
+
+def test_lex_range_is_literal() -> None:
+    assert lex_range("", None) == (b"-", b"+")
+    assert lex_range("a%_*", None) == (b"[a%_*", b"(a%_*\xff")
+    assert lex_range("a", "ab") == (b"(ab", b"(a\xff")
+
+
+async def test_namespaces_with_separators_stay_apart(plugin: RedisPlugin) -> None:
+    kv = plugin.keyvalue
+    one, two = CallContext(namespace="a"), CallContext(namespace="a:k:b")
+    await kv.set(basic.SetRequest(key="b:c", value=b"one"), one)
+    await kv.set(basic.SetRequest(key="c", value=b"two"), two)
+    assert (await kv.get(basic.GetRequest(key="b:c"), one)).value == b"one"
+    assert not (await kv.get(basic.GetRequest(key="b:c"), two)).found
+    assert (await kv.count(scan.CountRequest(), one)).count == 1
+    assert (await kv.count(scan.CountRequest(), two)).count == 1
+
+
+async def test_expired_keys_leave_the_index(
+    plugin: RedisPlugin, redis_server: ThrowawayServer, ctx: CallContext
+) -> None:
+    kv = plugin.keyvalue
+    for i in range(20):
+        await kv.set_with_ttl(
+            ttl.SetWithTTLRequest(key=f"t{i}", value=b"v", ttl=Duration(nanos=50_000_000)), ctx
+        )
+    await kv.set(basic.SetRequest(key="keep", value=b"v"), ctx)
+    ks = kv.space(ctx)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        assert await raw.zcard(ks.index) == 21
+        assert await raw.zcard(ks.expiring) == 20
+
+        async def only_keep_counted() -> bool:
+            return (await kv.count(scan.CountRequest(), ctx)).count == 1
+
+        await eventually(only_keep_counted, message="expired keys still counted")
+        assert await raw.zrange(ks.index, 0, -1) == [b"keep"]
+        assert await raw.zcard(ks.expiring) == 0
+    finally:
+        await raw.aclose()
+
+
+async def test_set_after_ttl_drops_the_key_from_the_expiry_index(
+    plugin: RedisPlugin, redis_server: ThrowawayServer, ctx: CallContext
+) -> None:
+    kv = plugin.keyvalue
+    await kv.set_with_ttl(ttl.SetWithTTLRequest(key="k", value=b"v", ttl=Duration(seconds=60)), ctx)
+    await kv.set(basic.SetRequest(key="k", value=b"w"), ctx)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        assert await raw.zcard(kv.space(ctx).expiring) == 0
+        assert await raw.pttl(kv.space(ctx).data("k")) == -1
+    finally:
+        await raw.aclose()
+
+
+async def test_forged_page_token_outside_the_prefix_is_rejected(
+    plugin: RedisPlugin, ctx: CallContext
+) -> None:
+    token = validation.encode_page_token("redis.scan", "b", "a")
+    with pytest.raises(InvalidArgument) as err:
+        await plugin.keyvalue.scan(scan.ScanRequest(prefix="b", page_token=token), ctx)
+    assert err.value.field == "page_token"
+
+
+async def test_small_pool_queues_callers_instead_of_failing(
+    redis_server: ThrowawayServer, tmp_path: Path, ctx: CallContext
+) -> None:
+    p = RedisPlugin(
+        {"connection": redis_server.url, "key_prefix": "pool:", "pool_max_size": 2},
+        data_dir=tmp_path,
+    )
+    await p.start()
+    try:
+        writes = [
+            p.keyvalue.set(basic.SetRequest(key=f"k{i}", value=b"v"), ctx) for i in range(100)
+        ]
+        revisions = {r.revision for r in await asyncio.gather(*writes)}
+        assert len(revisions) == 100
+    finally:
+        await p.close()
+
+
+async def test_scripts_reload_after_the_script_cache_is_flushed(
+    plugin: RedisPlugin, redis_server: ThrowawayServer, ctx: CallContext
+) -> None:
+    """A restarted server has no scripts cached; EVALSHA's NOSCRIPT must be handled."""
+    await plugin.keyvalue.set(basic.SetRequest(key="k", value=b"1"), ctx)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await raw.script_flush()
+    finally:
+        await raw.aclose()
+    await plugin.keyvalue.set(basic.SetRequest(key="k", value=b"2"), ctx)
+    assert (await plugin.keyvalue.get(basic.GetRequest(key="k"), ctx)).value == b"2"
+
+
+async def test_slot_ttl_applies_to_plain_writes(
+    redis_server: ThrowawayServer, tmp_path: Path, ctx: CallContext
+) -> None:
+    p = RedisPlugin(
+        {"connection": redis_server.url, "key_prefix": "cache:", "ttl_seconds": 60},
+        data_dir=tmp_path,
+    )
+    await p.start()
+    try:
+        await p.keyvalue.set(basic.SetRequest(key="k", value=b"v"), ctx)
+        got = await p.keyvalue.get_ttl(ttl.GetTTLRequest(key="k"), ctx)
+        assert got.state == ttl.TTL_STATE_EXPIRING
+        assert 59 <= got.ttl.ToTimedelta().total_seconds() <= 60
+    finally:
+        await p.close()
+
+
+async def test_start_against_nothing_is_unavailable_fast(tmp_path: Path) -> None:
+    p = RedisPlugin({"connection": f"redis://127.0.0.1:{free_port()}/0"}, data_dir=tmp_path)
+    started = time.monotonic()
+    with pytest.raises(Unavailable):
+        await p.start()
+    assert time.monotonic() - started < 2.0
+    assert not await p.check_health()
+    await p.close()
+
+
+def test_bad_connection_url_names_the_field(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        RedisPlugin({"connection": "http://localhost"}, data_dir=tmp_path)
+    assert err.value.field == "connection"
