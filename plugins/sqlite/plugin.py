@@ -16,6 +16,7 @@ from plugins.runtime.errors import InvalidArgument, PrismError
 from plugins.sqlite.db import Database
 from plugins.sqlite.document import SqliteDocuments
 from plugins.sqlite.keyvalue import SqliteKeyValue
+from plugins.sqlite.queue import SqliteQueue
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class SqlitePlugin(BackendPlugin):
         )
         self.keyvalue = SqliteKeyValue(self.db)
         self.documents = SqliteDocuments(self.db)
+        self.queue = SqliteQueue(self.db)
         self._sweeper: asyncio.Task[None] | None = None
 
     def implementations(self) -> Mapping[str, object]:
@@ -79,6 +81,11 @@ class SqlitePlugin(BackendPlugin):
             "document_basic": self.documents,
             "document_indexing": self.documents,
             "document_query": self.documents,
+            "queue_basic": self.queue,
+            "queue_visibility": self.queue,
+            "queue_dead_letter": self.queue,
+            "queue_delayed": self.queue,
+            "queue_priority": self.queue,
         }
 
     async def start(self) -> None:

@@ -45,6 +45,34 @@ MIGRATIONS: list[tuple[str, ...]] = [
             PRIMARY KEY (ns, collection, name)
         ) WITHOUT ROWID""",
     ),
+    # 3: queue messages (due time and lease end share visible_at) and dead-letter settings
+    (
+        """CREATE TABLE queue_messages (
+            ns TEXT NOT NULL,
+            queue TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            payload BLOB NOT NULL,
+            attributes TEXT NOT NULL,
+            priority INTEGER NOT NULL,
+            enqueue_time INTEGER NOT NULL,
+            visible_at REAL NOT NULL,
+            position INTEGER NOT NULL,
+            delivery_count INTEGER NOT NULL DEFAULT 0,
+            receipt TEXT,
+            source_queue TEXT
+        )""",
+        "CREATE INDEX queue_order ON queue_messages (ns, queue, priority DESC, position)",
+        "CREATE INDEX queue_due ON queue_messages (ns, queue, visible_at)",
+        "CREATE UNIQUE INDEX queue_receipt ON queue_messages (receipt) WHERE receipt IS NOT NULL",
+        """CREATE TABLE queue_dead_letter (
+            ns TEXT NOT NULL,
+            queue TEXT NOT NULL,
+            dead_letter_queue TEXT NOT NULL,
+            max_deliveries INTEGER NOT NULL,
+            PRIMARY KEY (ns, queue)
+        ) WITHOUT ROWID""",
+        "INSERT INTO counters (name, value) VALUES ('queue_position', 0)",
+    ),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
