@@ -220,3 +220,46 @@ def receipt_handle(handle: str, field: str = "receipt_handle") -> str:
     if not handle:
         raise InvalidArgument(field, "must not be empty")
     return handle
+
+
+# PubSub topics and patterns (proto/prism/interfaces/pubsub/v1: NATS subject semantics) --------
+MAX_TOPIC_BYTES = 255
+MAX_TOPIC_TOKENS = 16
+_TOPIC_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _tokens(text: str, field: str, what: str) -> list[str]:
+    if not text:
+        raise InvalidArgument(field, "must not be empty")
+    if len(text.encode("utf-8")) > MAX_TOPIC_BYTES:
+        raise InvalidArgument(field, f"longer than {MAX_TOPIC_BYTES} bytes")
+    tokens = text.split(".")
+    if len(tokens) > MAX_TOPIC_TOKENS:
+        raise InvalidArgument(field, f"more than {MAX_TOPIC_TOKENS} tokens")
+    for i, token in enumerate(tokens):
+        if what == "pattern" and (token == "*" or (token == ">" and i == len(tokens) - 1)):
+            continue
+        if not _TOPIC_TOKEN_RE.fullmatch(token):
+            raise InvalidArgument(field, f"token {i + 1} ({token!r}) is not a valid {what} token")
+    return tokens
+
+
+def topic(text: str, field: str = "topic") -> str:
+    """1 to 16 tokens of [A-Za-z0-9_-] joined by '.', at most 255 bytes."""
+    _tokens(text, field, "topic")
+    return text
+
+
+def topic_pattern(text: str, field: str = "pattern") -> list[str]:
+    """A topic whose tokens may also be `*`, or `>` as the last token; returns the tokens."""
+    return _tokens(text, field, "pattern")
+
+
+def topic_matches(pattern: list[str], topic_tokens: list[str]) -> bool:
+    """NATS matching: `*` is exactly one token, a final `>` one or more trailing tokens."""
+    for i, token in enumerate(pattern):
+        if token == ">":
+            return len(topic_tokens) > i
+        if i >= len(topic_tokens) or (token != "*" and token != topic_tokens[i]):
+            return False
+    return len(topic_tokens) == len(pattern)
