@@ -67,6 +67,8 @@ class ServerOptions:
     registry: Registry | None = None
     health_interval: float = 1.0
     grace: float = 5.0
+    #: how long a sidecar named by `address:` may take to answer Describe at startup
+    sidecar_timeout: float = 5.0
 
 
 def check_config(options: ServerOptions, registry: Registry) -> ConfigResult:
@@ -126,7 +128,7 @@ async def create_server(options: ServerOptions) -> PrismServer:
     if not result.ok:
         raise ConfigError([d for d in result.diagnostics if d.severity == "error"])
     options.data_dir.mkdir(parents=True, exist_ok=True)
-    binder = Binder(registry, options.data_dir)
+    binder = Binder(registry, options.data_dir, options.sidecar_timeout)
     try:
         return await _assemble(options, registry, result, binder)
     except BaseException:

@@ -58,6 +58,8 @@ class Binder:
 
     registry: Registry
     data_dir: Path
+    #: how long to wait for a sidecar's Describe at startup (it may still be starting)
+    describe_timeout: float = DESCRIBE_TIMEOUT
     plugins: dict[str, BackendPlugin] = field(default_factory=dict)
     channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
 
@@ -106,7 +108,7 @@ class Binder:
             self.channels[address] = channel
         try:
             described = await plugin_pb2_grpc.PluginServiceStub(channel).Describe(
-                plugin_pb2.DescribeRequest(), timeout=DESCRIBE_TIMEOUT, wait_for_ready=True
+                plugin_pb2.DescribeRequest(), timeout=self.describe_timeout, wait_for_ready=True
             )
         except grpc.aio.AioRpcError as exc:
             raise BindError(

@@ -43,6 +43,23 @@ config_schema:
 """
 
 
+PLANNED_YAML = """\
+backend: testplanned
+description: Test-only backend that exists only on paper.
+status: planned
+version: 0.0.1
+connection_string_format: "testplanned://x"
+connection_pattern: '^testplanned://.+$'
+default_connection: "testplanned://x"
+implements: [keyvalue_basic]
+config_schema:
+  type: object
+  additionalProperties: false
+  properties:
+    connection: {type: string}
+"""
+
+
 class KvFakeStore:
     def __init__(self, slow_seconds: float) -> None:
         self.spaces: dict[str, dict[str, tuple[bytes, int]]] = {}
@@ -177,12 +194,13 @@ class KvFakePlugin(BackendPlugin):
 
 
 def registry_with_testkv(directory: Path) -> Path:
-    """A copy of registry/ plus backends/testkv.yaml, for servers and sidecars (subprocesses
+    """A copy of registry/ plus backends/testkv.yaml (and a planned testplanned.yaml), for servers and sidecars (subprocesses
     get it through PRISM_REGISTRY_DIR)."""
     root = directory / "registry"
     if not root.exists():
         shutil.copytree(REPO / "registry", root)
         (root / "backends" / "testkv.yaml").write_text(BACKEND_YAML, encoding="utf-8")
+        (root / "backends" / "testplanned.yaml").write_text(PLANNED_YAML, encoding="utf-8")
     return root
 
 
