@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from plugins.memstore.document import MemstoreDocuments
 from plugins.memstore.keyvalue import KeyValueStore, MemstoreKeyValue
+from plugins.memstore.pubsub import MemstorePubSub
 from plugins.memstore.queue import MemstoreQueues
 from plugins.runtime.base import BackendPlugin
 
@@ -36,6 +37,7 @@ QUEUE_INTERFACES = (
     "queue_delayed",
     "queue_priority",
 )
+PUBSUB_INTERFACES = ("pubsub_basic", "pubsub_wildcards")
 
 
 class MemstorePlugin(BackendPlugin):
@@ -50,6 +52,7 @@ class MemstorePlugin(BackendPlugin):
         self._kv = MemstoreKeyValue(self.kv_store)
         self._documents = MemstoreDocuments()
         self.queues = MemstoreQueues()
+        self._pubsub = MemstorePubSub()
         self._sweeper: asyncio.Task[None] | None = None
 
     def implementations(self) -> Mapping[str, object]:
@@ -57,6 +60,7 @@ class MemstorePlugin(BackendPlugin):
             **dict.fromkeys(KEYVALUE_INTERFACES, self._kv),
             **dict.fromkeys(DOCUMENT_INTERFACES, self._documents),
             **dict.fromkeys(QUEUE_INTERFACES, self.queues),
+            **dict.fromkeys(PUBSUB_INTERFACES, self._pubsub),
         }
 
     async def start(self) -> None:
