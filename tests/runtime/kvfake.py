@@ -194,8 +194,8 @@ class KvFakePlugin(BackendPlugin):
 
 
 def registry_with_testkv(directory: Path) -> Path:
-    """A copy of registry/ plus backends/testkv.yaml (and a planned testplanned.yaml), for servers and sidecars (subprocesses
-    get it through PRISM_REGISTRY_DIR)."""
+    """A copy of registry/ plus backends/testkv.yaml (and a planned testplanned.yaml), for
+    servers and sidecars (subprocesses get it through PRISM_REGISTRY_DIR)."""
     root = directory / "registry"
     if not root.exists():
         shutil.copytree(REPO / "registry", root)
