@@ -222,6 +222,56 @@ def receipt_handle(handle: str, field: str = "receipt_handle") -> str:
     return handle
 
 
+MAX_PRIORITY = 1000
+MAX_DELAY_SECONDS = 7 * 24 * 3600.0
+MAX_DELIVERIES = 1000
+DEFAULT_REDRIVE = 100
+MAX_REDRIVE = 1000
+
+
+def priority(value: int, field: str = "priority") -> int:
+    if not -MAX_PRIORITY <= value <= MAX_PRIORITY:
+        raise InvalidArgument(field, f"must be -{MAX_PRIORITY} to {MAX_PRIORITY}")
+    return value
+
+
+def deliver_at(request: Any, now: float) -> float:
+    """The due time (unix seconds) of an EnqueueDelayedRequest: `delay` 0 to 7 days after
+    `now`, or `deliver_time` (a past one means now) at most 7 days ahead; one is required."""
+    schedule = request.WhichOneof("schedule")
+    if schedule == "delay":
+        delay = _seconds(request.delay)
+        if not 0 <= delay <= MAX_DELAY_SECONDS:
+            raise InvalidArgument("delay", "must be 0 to 7 days")
+        return now + delay
+    if schedule == "deliver_time":
+        due = max(now, float(request.deliver_time.seconds + request.deliver_time.nanos / 1e9))
+        if due > now + MAX_DELAY_SECONDS:
+            raise InvalidArgument("deliver_time", "must be at most 7 days ahead")
+        return due
+    raise InvalidArgument("delay", "delay or deliver_time is required")
+
+
+def dead_letter(queue: str, dead_letter_queue: str, deliveries: int) -> tuple[str, int] | None:
+    """A ConfigureDeadLetter request's (DLQ, max_deliveries), or None to remove the config."""
+    if not dead_letter_queue:
+        return None
+    dlq = queue_name(dead_letter_queue, "dead_letter_queue")
+    if dlq == queue:
+        raise InvalidArgument("dead_letter_queue", "must differ from queue")
+    if not 1 <= deliveries <= MAX_DELIVERIES:
+        raise InvalidArgument("max_deliveries", f"must be 1 to {MAX_DELIVERIES}")
+    return dlq, deliveries
+
+
+def redrive_count(count: int, field: str = "max_messages") -> int:
+    """0 → 100; otherwise 1 to 1000."""
+    limit = count or DEFAULT_REDRIVE
+    if not 1 <= limit <= MAX_REDRIVE:
+        raise InvalidArgument(field, f"must be 0 to {MAX_REDRIVE}")
+    return limit
+
+
 # PubSub topics and patterns (proto/prism/interfaces/pubsub/v1: NATS subject semantics) --------
 MAX_TOPIC_BYTES = 255
 MAX_TOPIC_TOKENS = 16
