@@ -81,7 +81,10 @@ class ThrowawayServer(ABC):
 
     def start(self) -> None:
         log = open(self.workdir / f"{self.name}.log", "ab")  # noqa: SIM115 - owned by the process
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, cwd=self.workdir)
+        # own process group: kill() must reach the real server behind a wrapper (runuser)
+        self.proc = subprocess.Popen(
+            self.command(), stdout=log, stderr=log, cwd=self.workdir, start_new_session=True
+        )
         log.close()
         wait_for_port(self.port, self.proc)
 
@@ -96,8 +99,10 @@ class ThrowawayServer(ABC):
         self.proc = None
 
     def kill(self) -> None:
+        """SIGKILL to the whole process group: the server and its workers die at once."""
         if self.proc and self.proc.poll() is None:
-            self.proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         self.proc = None
 
@@ -170,6 +175,23 @@ class PostgresServer(ThrowawayServer):
                             "-A", "trust", "-E", "UTF8", "--no-sync"]),
             check=True, capture_output=True, cwd=self.workdir,
         )  # fmt: skip
+
+    def start(self) -> None:
+        self._clear_stale_locks()
+        super().start()
+
+    def _clear_stale_locks(self) -> None:
+        """After kill() the dead postmaster (not our child: runuser's) lingers as a zombie until
+        init reaps it, and postgres takes a zombie's pid in its lock files for a live server."""
+        for lock in (self.datadir / "postmaster.pid", self.workdir / f".s.PGSQL.{self.port}.lock"):
+            with contextlib.suppress(FileNotFoundError, ValueError, IndexError):
+                pid = int(lock.read_text().split()[0])
+                try:
+                    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                except FileNotFoundError:
+                    state = "gone"
+                if state in ("Z", "X", "gone"):
+                    lock.unlink()
 
     def command(self) -> list[str]:
         bindir = self.bindir()
