@@ -97,6 +97,13 @@ class Internal(PrismError):
     default_reason = "INTERNAL"
 
 
+class DataLoss(PrismError):
+    """Stored data failed an integrity check (e.g. a digest no longer matches)."""
+
+    code = grpc.StatusCode.DATA_LOSS
+    default_reason = "DATA_LOSS"
+
+
 _BY_CODE: dict[grpc.StatusCode, type[PrismError]] = {
     cls.code: cls
     for cls in (
@@ -111,6 +118,7 @@ _BY_CODE: dict[grpc.StatusCode, type[PrismError]] = {
         PermissionDenied,
         Unauthenticated,
         Internal,
+        DataLoss,
     )
 }
 
