@@ -17,8 +17,9 @@ from typing import Any
 from prism.interfaces.document.v1 import document_basic_pb2 as basic_pb
 from prism.interfaces.document.v1 import document_indexing_pb2 as index_pb
 from prism.interfaces.document.v1 import document_query_pb2 as query_pb
+from prism.interfaces.document.v1 import document_search_pb2 as search_pb
 
-from plugins.runtime import docfilter, validation
+from plugins.runtime import docfilter, textsearch, validation
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import (
     Aborted,
@@ -111,28 +112,50 @@ def _current(
     return None if row is None else (int(row[0]), int(row[1]))
 
 
+def searchable_text(body: dict[str, Any]) -> str:
+    """Every string a search field path can reach (member values and the string elements of
+    member arrays), for the FTS5 prefilter; the exact per-field rules are applied afterwards."""
+    texts: list[str] = []
+    stack = [body]
+    while stack:
+        for value in stack.pop().values():
+            if isinstance(value, str):
+                texts.append(value)
+            elif isinstance(value, dict):
+                stack.append(value)
+            elif isinstance(value, list):
+                texts.extend(v for v in value if isinstance(v, str))
+    return "\n".join(texts)
+
+
 def _write(
     conn: sqlite3.Connection,
     ns: str,
     collection: str,
     doc_id: str,
-    body: str,
+    body: dict[str, Any],
     revision: int,
     create_time: int,
 ) -> basic_pb.Document:
-    """Insert or replace one document; unique-index duplicates become UNIQUE_VIOLATION."""
+    """Insert or replace one document and its words; unique-index duplicates become
+    UNIQUE_VIOLATION."""
     now = time.time_ns() if revision > 1 else create_time
+    text = canonical(body)
     try:
-        conn.execute(
+        (rowid,) = conn.execute(
             "INSERT INTO docs (ns, collection, id, body, revision, create_time, update_time) "
             "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (ns, collection, id) DO UPDATE SET "
             "body = excluded.body, revision = excluded.revision, "
-            "update_time = excluded.update_time",
-            (ns, collection, doc_id, body, revision, create_time, now),
-        )
+            "update_time = excluded.update_time RETURNING rowid",
+            (ns, collection, doc_id, text, revision, create_time, now),
+        ).fetchone()
     except sqlite3.IntegrityError as exc:
         raise _unique_violation(conn, exc, ns, collection, doc_id) from exc
-    return to_document((doc_id, body, revision, create_time, now))
+    conn.execute("DELETE FROM doc_words WHERE rowid = ?", (rowid,))
+    conn.execute(
+        "INSERT INTO doc_words (rowid, text) VALUES (?, ?)", (rowid, searchable_text(body))
+    )
+    return to_document((doc_id, text, revision, create_time, now))
 
 
 class SqliteDocuments:
@@ -148,7 +171,7 @@ class SqliteDocuments:
     ) -> basic_pb.InsertResponse:
         collection = validation.collection(request.collection)
         doc_id = validation.document_id(request.id) if request.id else ""
-        body = canonical(validation.document_json(request.json))
+        body = validation.document_json(request.json)
         ns = ctx.namespace
 
         def job(conn: sqlite3.Connection) -> basic_pb.Document:
@@ -186,7 +209,7 @@ class SqliteDocuments:
     ) -> basic_pb.UpdateResponse:
         collection = validation.collection(request.collection)
         doc_id = validation.document_id(request.id)
-        body = canonical(validation.document_json(request.json))
+        body = validation.document_json(request.json)
         expected = request.expected_revision
         ns = ctx.namespace
 
@@ -218,10 +241,11 @@ class SqliteDocuments:
                 raise _mismatch(collection, doc_id, expected, 0 if current is None else current[0])
             if current is None:
                 return False
-            conn.execute(
-                "DELETE FROM docs WHERE ns = ? AND collection = ? AND id = ?",
+            (rowid,) = conn.execute(
+                "DELETE FROM docs WHERE ns = ? AND collection = ? AND id = ? RETURNING rowid",
                 (ns, collection, doc_id),
-            )
+            ).fetchone()
+            conn.execute("DELETE FROM doc_words WHERE rowid = ?", (rowid,))
             return True
 
         return basic_pb.DeleteResponse(deleted=await self.db.write(job))
@@ -238,10 +262,14 @@ class SqliteDocuments:
         spec: docfilter.SortSpec | None = None,
         after: docfilter.SortKey | None = None,
         limit: int = -1,
+        words: str | None = None,
     ) -> list[tuple[Any, ...]]:
-        """Rows of the collection matching `node`, in `spec` order after `after`."""
+        """Rows of the collection matching `node` (and the FTS5 query `words`), in `spec`
+        order after `after`."""
         sql = Sql()
         where = sql.where(node)
+        if words is not None:
+            where += f" AND rowid IN (SELECT rowid FROM doc_words WHERE text MATCH {sql.p(words)})"
         if spec is not None and after is not None:
             where += " AND " + sql.after(spec, after)
         order = f" ORDER BY {sql.order_by(spec)}" if spec is not None else ""
@@ -321,6 +349,71 @@ class SqliteDocuments:
             ],
             next_page_token=token,
         )
+
+    # -- search ------------------------------------------------------------------------------
+
+    async def search(
+        self, request: search_pb.SearchRequest, ctx: CallContext
+    ) -> search_pb.SearchResponse:
+        """FTS5 narrows the candidates to documents holding every term somewhere; the shared
+        textsearch rules then decide per field (matching, ranking, snippets), so results and
+        order are the contract's whichever backend serves them."""
+        collection = validation.collection(request.collection)
+        terms = textsearch.query_terms(request.query)
+        fields = textsearch.search_fields([(f.path, f.weight) for f in request.fields])
+        node = docfilter.parse_filter(request.filter)
+        size = validation.page_size(request.page_size)
+        tags = None
+        if request.HasField("highlight"):
+            h = request.highlight
+            tags = textsearch.highlight_options(h.pre_tag, h.post_tag, h.snippet_words)
+        scope = docfilter.token_scope(
+            collection, request.query, [[f.name, f.weight] for f in fields], request.filter
+        )
+        position = validation.decode_page_token(request.page_token, "sqlite.search", scope)
+        if position is not None and not (
+            isinstance(position, list)
+            and len(position) == 2
+            and isinstance(position[0], int | float)
+            and not isinstance(position[0], bool)
+            and isinstance(position[1], str)
+        ):
+            raise InvalidArgument("page_token", "malformed page token")
+
+        match = " AND ".join('"' + t.replace('"', '""') + '"' for t in terms)
+        rows = await self._select(collection, node, ctx, words=match)
+        candidates = [(r, json.loads(r[1])) for r in rows]
+        per_doc = [textsearch.document_words(body, fields) for _, body in candidates]
+        averages = [
+            sum(words[k].length for words in per_doc) / len(per_doc) if per_doc else 0.0
+            for k in range(len(fields))
+        ]
+        query_words = textsearch.normalized(request.query)
+        scored = []
+        for (row, body), words in zip(candidates, per_doc, strict=True):
+            score = textsearch.score(words, terms, query_words, averages)
+            if score is None:
+                continue
+            if position is None or (-score, row[0]) > (-position[0], position[1]):
+                scored.append((score, row, body))
+        scored.sort(key=lambda hit: (-hit[0], hit[1][0]))
+        token = ""
+        if len(scored) > size:
+            scored = scored[:size]
+            token = validation.encode_page_token(
+                "sqlite.search", scope, [scored[-1][0], scored[-1][1][0]]
+            )
+        hits = []
+        for score, row, body in scored:
+            hit = search_pb.SearchHit(document=to_document(row), score=score)
+            if tags is not None:
+                for f in fields:
+                    text = textsearch.highlight_text(body, f.path, terms)
+                    if text is not None:
+                        snippet = textsearch.snippet(text, terms, *tags)
+                        hit.highlights.add(field=f.name, snippet=snippet)
+            hits.append(hit)
+        return search_pb.SearchResponse(hits=hits, next_page_token=token)
 
     # -- indexing ----------------------------------------------------------------------------
 

@@ -81,6 +81,7 @@ class SqlitePlugin(BackendPlugin):
             "document_basic": self.documents,
             "document_indexing": self.documents,
             "document_query": self.documents,
+            "document_search": self.documents,
             "queue_basic": self.queue,
             "queue_visibility": self.queue,
             "queue_dead_letter": self.queue,

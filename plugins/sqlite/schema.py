@@ -73,6 +73,9 @@ MIGRATIONS: list[tuple[str, ...]] = [
         ) WITHOUT ROWID""",
         "INSERT INTO counters (name, value) VALUES ('queue_position', 0)",
     ),
+    # 4: the words of each document (rowid = docs.rowid) for the full-text search prefilter;
+    # no diacritic folding: the search contract says "café" and "cafe" differ
+    ("CREATE VIRTUAL TABLE doc_words USING fts5(text, tokenize='unicode61 remove_diacritics 0')",),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
