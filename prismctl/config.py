@@ -162,6 +162,7 @@ def _validate(src: Source, registry: Registry) -> ConfigResult:
         if i not in broken:
             _check_namespace(src, registry, ("namespaces", i), ns, result)
     result.diagnostics.extend(duplicate_namespaces([result]))
+    result.diagnostics.sort(key=lambda d: (d.line, d.col))
     return result
 
 

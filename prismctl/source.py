@@ -194,7 +194,10 @@ def schema_errors(
     out = []
     for err in _leaves(errors):
         path: PathKey = (*base, *err.absolute_path)
-        out.append((path, _schema_finding(src, err, path, rule_id)))
+        if err.validator == "additionalProperties":
+            out += [(path, _unknown_key(src, err, path, key, rule_id)) for key in _extra(err)]
+        else:
+            out.append((path, _schema_finding(src, err, path, rule_id)))
     return out
 
 
@@ -216,21 +219,33 @@ def _leaves(errors: list[ValidationError]) -> list[ValidationError]:
     return out
 
 
+def _where(path: PathKey) -> str:
+    return ".".join(str(p) for p in path) or "document"
+
+
+def _extra(err: ValidationError) -> list[str]:
+    """The keys an additionalProperties error is about."""
+    props = err.schema.get("properties", {})
+    patterns = err.schema.get("patternProperties", {})
+    return [
+        k for k in err.instance if k not in props and not any(re.search(p, k) for p in patterns)
+    ]
+
+
+def _unknown_key(
+    src: Source, err: ValidationError, path: PathKey, key: str, rule_id: str
+) -> Diagnostic:
+    allowed = ", ".join(sorted(err.schema.get("properties", {}))) or "none"
+    return Diagnostic.at(
+        src.key_at((*path, key)),
+        rule_id,
+        f"unknown key '{key}' in {_where(path)}",
+        f"remove it; allowed keys: {allowed}",
+    )
+
+
 def _schema_finding(src: Source, err: ValidationError, path: PathKey, rule_id: str) -> Diagnostic:
-    where = ".".join(str(p) for p in path) or "document"
-    if err.validator == "additionalProperties":
-        extra = [k for k in err.instance if k not in err.schema.get("properties", {})]
-        pattern_props = err.schema.get("patternProperties", {})
-        if pattern_props:
-            extra = [k for k in extra if not any(re.search(p, k) for p in pattern_props)]
-        key = extra[0] if extra else ""
-        allowed = ", ".join(sorted(err.schema.get("properties", {}))) or "none"
-        return Diagnostic.at(
-            src.key_at((*path, key)),
-            rule_id,
-            f"unknown key '{key}' in {where}",
-            f"remove it; allowed keys: {allowed}",
-        )
+    where = _where(path)
     if err.validator == "required":
         return Diagnostic.at(src.at(path), rule_id, f"{where}: {err.message}", "add the key")
     if err.validator == "type":
