@@ -173,5 +173,6 @@ async def _assemble(
     except RuntimeError as exc:
         with contextlib.suppress(Exception):
             await server.stop(None)
-        raise StartupError(f"cannot listen on {options.listen}: {exc}") from None
+        reason = str(exc).split(";")[0]
+        raise StartupError(f"cannot listen on {options.listen}: {reason}") from None
     return PrismServer(server, port, host, binder, health, router, options.grace)

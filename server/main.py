@@ -4,9 +4,14 @@ PRISM_LISTEN, PRISM_DATA_DIR). Exit codes: 0 clean shutdown, 1 config findings, 
 
 from __future__ import annotations
 
+import os
+
+# before grpc is imported: grpc core would log its own lines for e.g. a port in use, which we
+# report once as a one-line diagnostic (GRPC_VERBOSITY set by the user still wins)
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
 import argparse
 import asyncio
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path

@@ -8,6 +8,12 @@ the caller's `x-prism-namespace` (or `default` when a client sends none).
 
 from __future__ import annotations
 
+import os
+
+# before grpc is imported: grpc core would log its own lines for e.g. a port in use, which we
+# report once as a one-line diagnostic (GRPC_VERBOSITY set by the user still wins)
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
 import argparse
 import asyncio
 import sys
@@ -188,7 +194,8 @@ async def run(args: argparse.Namespace) -> int:
     except errors.PrismError as exc:
         raise UsageError(f"backend '{args.backend}' failed to start: {exc.message}", 3) from None
     except RuntimeError as exc:  # grpc: cannot bind
-        raise UsageError(f"cannot listen on {args.listen}: {exc}", 3) from None
+        reason = str(exc).split(";")[0]
+        raise UsageError(f"cannot listen on {args.listen}: {reason}", 3) from None
     print(f"prism-plugin {args.backend} listening on {sidecar.address}", flush=True)
     stopping = asyncio.Event()
     on_shutdown_signals(stopping.set)
