@@ -22,7 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from plugins.redis import scripts
+from plugins.redis import queue_scripts, scripts
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import ResourceExhausted, Unavailable
 
@@ -49,8 +49,11 @@ class Scripts:
     again by redis-py when a restarted server has lost its script cache)."""
 
     def __init__(self, client: aioredis.Redis) -> None:
-        def register(body: str) -> AsyncScript:
-            return client.register_script(scripts.PRELUDE + body)
+        def register(body: str, prelude: str = scripts.PRELUDE) -> AsyncScript:
+            return client.register_script(prelude + body)
+
+        def register_queue(body: str) -> AsyncScript:
+            return register(body, queue_scripts.PRELUDE)
 
         self.set = register(scripts.SET)
         self.delete = register(scripts.DELETE)
@@ -63,6 +66,14 @@ class Scripts:
         self.scan = register(scripts.SCAN)
         self.count = register(scripts.COUNT)
         self.commit = register(scripts.COMMIT)
+        self.q_enqueue = register_queue(queue_scripts.ENQUEUE)
+        self.q_lease = register_queue(queue_scripts.LEASE)
+        self.q_peek = register_queue(queue_scripts.PEEK)
+        self.q_ack = register_queue(queue_scripts.ACK)
+        self.q_extend = register_queue(queue_scripts.EXTEND)
+        self.q_release = register_queue(queue_scripts.RELEASE)
+        self.q_redrive = register_queue(queue_scripts.REDRIVE)
+        self.q_scheduled = register_queue(queue_scripts.SCHEDULED)
 
 
 class RedisConnection:

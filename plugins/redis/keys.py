@@ -12,6 +12,7 @@ segment a one-letter tag tells the structures apart:
 | `<p><ns>k:<key>` | hash | one entry: `v` value, `r` revision; its Redis TTL is the entry's |
 | `<p><ns>i` | sorted set | every key of the namespace, score 0: ZRANGE BYLEX pages by bytes |
 | `<p><ns>x` | sorted set | keys with an expiry, scored by expiry time (ms), to prune `i` |
+| `<p><ns>q:<queue>:<tag>`, `<p><ns>qm:<id>` | | queues (plugins/redis/queue_scripts.py) |
 """
 
 from __future__ import annotations
@@ -49,6 +50,19 @@ class Keyspace:
     @property
     def expiring(self) -> bytes:
         return self.segment + b"x"
+
+    @property
+    def queue_prefix(self) -> bytes:
+        """Queue structures: `<queue_prefix><queue>:<tag>` (see plugins/redis/queue_scripts.py;
+        queue names never contain `:`)."""
+        return self.segment + b"q:"
+
+    def queue_key(self, queue: str, tag: str) -> bytes:
+        return self.queue_prefix + f"{queue}:{tag}".encode("ascii")
+
+    @property
+    def message_prefix(self) -> bytes:
+        return self.segment + b"qm:"
 
 
 def lex_range(prefix: str, after: str | None) -> tuple[bytes, bytes]:

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 from plugins.redis.connection import RedisConnection, Settings
 from plugins.redis.keyvalue import ISOLATION, RedisKeyValue
+from plugins.redis.queue import RedisQueue
 from plugins.runtime.base import BackendPlugin
 from plugins.runtime.errors import InvalidArgument
 
@@ -20,6 +21,13 @@ KEYVALUE_INTERFACES = (
     "keyvalue_batch",
     "keyvalue_cas",
     "keyvalue_transactional",
+)
+QUEUE_INTERFACES = (
+    "queue_basic",
+    "queue_visibility",
+    "queue_dead_letter",
+    "queue_delayed",
+    "queue_priority",
 )
 
 
@@ -63,10 +71,14 @@ class RedisPlugin(BackendPlugin):
         self.default_ttl = None if default_ttl is None else _positive(config, "ttl_seconds", 0)
         self.conn = RedisConnection(self.settings)
         self.keyvalue = RedisKeyValue(self.conn, self.key_prefix.encode("utf-8"), self.default_ttl)
+        self.queue = RedisQueue(self.conn, self.key_prefix.encode("utf-8"))
         self._version = "unknown"
 
     def implementations(self) -> Mapping[str, object]:
-        return dict.fromkeys(KEYVALUE_INTERFACES, self.keyvalue)
+        return {
+            **dict.fromkeys(KEYVALUE_INTERFACES, self.keyvalue),
+            **dict.fromkeys(QUEUE_INTERFACES, self.queue),
+        }
 
     async def start(self) -> None:
         """Check the server answers (Unavailable if not) and remember its version."""
