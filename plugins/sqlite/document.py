@@ -12,6 +12,7 @@ import re
 import secrets
 import sqlite3
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from prism.interfaces.document.v1 import document_basic_pb2 as basic_pb
@@ -283,7 +284,7 @@ class SqliteDocuments:
     async def find(self, request: query_pb.FindRequest, ctx: CallContext) -> query_pb.FindResponse:
         collection = validation.collection(request.collection)
         node = docfilter.parse_filter(request.filter)
-        spec = docfilter.parse_sort([(s.field, s.descending) for s in request.sort])
+        spec = _sort_spec(request.sort)
         size = validation.page_size(request.page_size)
         scope = docfilter.token_scope(collection, request.filter, spec.canonical())
         position = validation.decode_page_token(request.page_token, "sqlite.find", scope)
@@ -303,7 +304,7 @@ class SqliteDocuments:
     ) -> query_pb.FindOneResponse:
         collection = validation.collection(request.collection)
         node = docfilter.parse_filter(request.filter)
-        spec = docfilter.parse_sort([(s.field, s.descending) for s in request.sort])
+        spec = _sort_spec(request.sort)
         rows = await self._select(collection, node, ctx, spec=spec, limit=1)
         if not rows:
             return query_pb.FindOneResponse(found=False)
@@ -509,6 +510,13 @@ class SqliteDocuments:
             indexes = indexes[:size]
             token = validation.encode_page_token("sqlite.indexes", collection, indexes[-1].name)
         return index_pb.ListIndexesResponse(indexes=indexes, next_page_token=token)
+
+
+def _sort_spec(fields: Iterable[query_pb.SortField]) -> docfilter.SortSpec:
+    spec = docfilter.parse_sort([(f.field, f.descending) for f in fields])
+    for i, (path, _) in enumerate(spec.fields):
+        json_path(path, f"sort[{i}].field")  # a name SQLite cannot address is refused here
+    return spec
 
 
 def _checked_index(requested: index_pb.Index) -> index_pb.Index:

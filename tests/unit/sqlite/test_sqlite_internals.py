@@ -1,5 +1,6 @@
 """SQLite plugin internals the black-box conformance suite cannot see: the file's schema version
-and pragmas, migrations on reopen, the writer's batching, the sweeper and config parsing."""
+and pragmas, migrations on reopen, the writer's batching, the sweeper, config parsing, the word
+index and lease persistence."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from pathlib import Path
 
 import pytest
 from google.protobuf.duration_pb2 import Duration
+from prism.interfaces.document.v1 import document_basic_pb2 as doc_pb
 from prism.interfaces.keyvalue.v1 import keyvalue_basic_pb2 as basic_pb
 from prism.interfaces.keyvalue.v1 import keyvalue_cas_pb2 as cas_pb
 from prism.interfaces.keyvalue.v1 import keyvalue_transactional_pb2 as tx_pb
 from prism.interfaces.keyvalue.v1 import keyvalue_ttl_pb2 as ttl_pb
+from prism.interfaces.queue.v1 import queue_basic_pb2 as queue_pb
 
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import Aborted, InvalidArgument, NotFound, Unavailable
@@ -185,3 +188,48 @@ def test_database_path_from_config(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument) as err:
         database_path({"connection": "postgres://x"}, tmp_path)
     assert err.value.field == "connection"
+
+
+async def test_word_index_follows_document_writes(plugin: SqlitePlugin) -> None:
+    """The FTS5 prefilter rows track every insert, update and delete of a document."""
+    docs = plugin.documents
+
+    def indexed(word: str) -> int:
+        conn = raw(plugin.path)
+        try:
+            return int(
+                conn.execute(
+                    "SELECT count(*) FROM doc_words WHERE text MATCH ?", (f'"{word}"',)
+                ).fetchone()[0]
+            )
+        finally:
+            conn.close()
+
+    await docs.insert(doc_pb.InsertRequest(collection="c", id="d", json='{"a": "Alpha"}'), CTX)
+    assert (indexed("alpha"), indexed("beta")) == (1, 0)
+    body = '{"n": {"x": ["beta", 1]}}'
+    await docs.update(doc_pb.UpdateRequest(collection="c", id="d", json=body), CTX)
+    assert (indexed("alpha"), indexed("beta")) == (0, 1)
+    await docs.delete(doc_pb.DeleteRequest(collection="c", id="d"), CTX)
+    assert indexed("beta") == 0
+
+
+async def test_leases_survive_a_restart(tmp_path: Path) -> None:
+    """A leased message stays invisible after reopening the file, and its handle still acks."""
+    first = SqlitePlugin({}, data_dir=tmp_path)
+    await first.start()
+    await first.queue.enqueue(queue_pb.EnqueueRequest(queue="q", payload=b"job"), CTX)
+    leased = await first.queue.dequeue(queue_pb.DequeueRequest(queue="q"), CTX)
+    await first.close()
+
+    second = SqlitePlugin({}, data_dir=tmp_path)
+    await second.start()
+    try:
+        peeked = await second.queue.peek(queue_pb.PeekRequest(queue="q"), CTX)
+        assert list(peeked.messages) == []
+        handle = leased.messages[0].receipt_handle
+        await second.queue.ack(queue_pb.AckRequest(queue="q", receipt_handle=handle), CTX)
+        with pytest.raises(NotFound):
+            await second.queue.ack(queue_pb.AckRequest(queue="q", receipt_handle=handle), CTX)
+    finally:
+        await second.close()
