@@ -140,12 +140,9 @@ KEY = "conformance"
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     cell = dict(report.user_properties).get(KEY)
-    if cell is None:
+    if not isinstance(cell, tuple) or report.when != "call" or report.skipped:
         return
-    if report.when == "call" or (report.when == "setup" and not report.passed):
-        if report.skipped:
-            return
-        _MATRIX[cell]["passed" if report.passed else "failed"] += 1
+    _MATRIX[cell]["passed" if report.passed else "failed"] += 1
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
