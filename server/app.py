@@ -8,6 +8,7 @@ finding refuses the start (ConfigError carries them). Tests and embedders bind p
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from server.patterns import BoundNamespace, executor_for
 from server.router import Router
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
+log = logging.getLogger("prism.server")
 EMBEDDED_SOURCE = "<embedded default config>"
 
 
@@ -158,6 +160,11 @@ async def _assemble(
                 router.add(ns.name, item)
         except BindError as exc:
             raise StartupError(str(exc)) from None
+        except Exception as exc:  # a pattern executor failing to start
+            log.debug("namespace %s failed to start", ns.name, exc_info=True)
+            raise StartupError(
+                f"namespace '{ns.name}' (pattern {ns.pattern}): {type(exc).__name__}: {exc}"
+            ) from None
         for item in exposed:
             for slot_name in item.slots:
                 checks.setdefault(slots[slot_name].check, set()).add(item.service.full_name)

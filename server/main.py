@@ -72,6 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StartupError as exc:
         print(f"prism-server: {exc}", file=sys.stderr)
         return 3
+    except OSError as exc:  # e.g. the data directory cannot be created
+        print(f"prism-server: cannot start: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -96,7 +96,8 @@ class Sidecar:
         host = self.listen.rpartition(":")[0]
         return f"{host}:{self.port}"
 
-    async def start(self) -> None:
+    def bind(self) -> None:
+        """Register every service and bind the port (RuntimeError when it cannot)."""
         plugin = self.plugin
         known = catalog()
         labels = {"backend": plugin.name}
@@ -118,7 +119,10 @@ class Sidecar:
         self.health.add_to_server(self.server)
         enable_reflection(self.server, [*services, PLUGIN_SERVICE])
         self.port = self.server.add_insecure_port(self.listen)
-        await plugin.start()
+
+    async def start(self) -> None:
+        """Start the plugin, then health reporting, then serving."""
+        await self.plugin.start()
         await self.health.start()
         await self.server.start()
 
@@ -186,16 +190,23 @@ def build_plugin(backend: str, config_file: Path | None, data_dir: Path) -> Back
 
 
 async def run(args: argparse.Namespace) -> int:
-    plugin = build_plugin(args.backend, args.config, args.data_dir)
-    args.data_dir.mkdir(parents=True, exist_ok=True)
-    sidecar = Sidecar(plugin, args.listen)
     try:
-        await sidecar.start()
-    except errors.PrismError as exc:
-        raise UsageError(f"backend '{args.backend}' failed to start: {exc.message}", 3) from None
-    except RuntimeError as exc:  # grpc: cannot bind
+        args.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{args.data_dir}: cannot create data dir: {exc.strerror}", 3) from None
+    sidecar = Sidecar(build_plugin(args.backend, args.config, args.data_dir), args.listen)
+    try:
+        sidecar.bind()
+    except RuntimeError as exc:  # grpc: the address cannot be bound
         reason = str(exc).split(";")[0]
         raise UsageError(f"cannot listen on {args.listen}: {reason}", 3) from None
+    try:
+        await sidecar.start()
+    except Exception as exc:
+        message = (
+            exc.message if isinstance(exc, errors.PrismError) else f"{type(exc).__name__}: {exc}"
+        )
+        raise UsageError(f"backend '{args.backend}' failed to start: {message}", 3) from None
     print(f"prism-plugin {args.backend} listening on {sidecar.address}", flush=True)
     stopping = asyncio.Event()
     on_shutdown_signals(stopping.set)

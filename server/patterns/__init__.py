@@ -46,10 +46,10 @@ def executor_for(pattern: PatternSpec) -> Executor:
         return slot_interfaces.expose
     module_name = f"server.patterns.{pattern.name.replace('-', '_')}"
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError:
+        expose: Executor = importlib.import_module(module_name).expose
+    except (ImportError, AttributeError) as exc:
         raise BindError(
-            f"pattern '{pattern.name}' has no executor in this server ({module_name})"
+            f"pattern '{pattern.name}' has no usable executor in this server "
+            f"({module_name}.expose: {exc})"
         ) from None
-    expose: Executor = module.expose
     return expose

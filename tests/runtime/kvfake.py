@@ -60,6 +60,18 @@ config_schema:
 """
 
 
+EXECUTORLESS_PATTERN_YAML = """\
+pattern: test-executorless
+version: v1
+description: Test-only pattern whose executor does not exist in the server.
+exposes: prism.patterns.test_executorless.v1.TestExecutorlessService
+slots:
+  store:
+    description: Any key-value backend.
+    required_interfaces: [keyvalue_basic]
+"""
+
+
 class KvFakeStore:
     def __init__(self, slow_seconds: float) -> None:
         self.spaces: dict[str, dict[str, tuple[bytes, int]]] = {}
@@ -194,13 +206,16 @@ class KvFakePlugin(BackendPlugin):
 
 
 def registry_with_testkv(directory: Path) -> Path:
-    """A copy of registry/ plus backends/testkv.yaml (and a planned testplanned.yaml), for
-    servers and sidecars (subprocesses get it through PRISM_REGISTRY_DIR)."""
+    """A copy of registry/ plus backends/testkv.yaml, a planned testplanned.yaml and a
+    test-executorless pattern, for servers and sidecars (subprocesses get it through
+    PRISM_REGISTRY_DIR)."""
     root = directory / "registry"
     if not root.exists():
         shutil.copytree(REPO / "registry", root)
         (root / "backends" / "testkv.yaml").write_text(BACKEND_YAML, encoding="utf-8")
         (root / "backends" / "testplanned.yaml").write_text(PLANNED_YAML, encoding="utf-8")
+        patterns = root / "patterns"
+        (patterns / "test-executorless.yaml").write_text(EXECUTORLESS_PATTERN_YAML, "utf-8")
     return root
 
 

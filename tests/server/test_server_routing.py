@@ -27,7 +27,7 @@ from prism.interfaces.pubsub.v1 import pubsub_basic_pb2 as ps
 from prism.interfaces.pubsub.v1 import pubsub_basic_pb2_grpc as ps_grpc
 
 from prismctl.registry import Registry, load_registry
-from server.app import PrismServer
+from server.app import ConfigError, PrismServer, ServerOptions, StartupError, create_server
 from tests.runtime.kvfake import KvFakePlugin, registry_with_testkv
 from tests.support.harness import error_details, namespaced, running_server
 from tests.support.wait import eventually
@@ -265,3 +265,23 @@ async def _is(channel: grpc.aio.Channel, service: str, status: int) -> bool:
 
 def test_data_dir_is_the_one_given(server: PrismServer) -> None:
     assert isinstance(server.data_dir, Path) and server.data_dir.is_dir()
+
+
+async def test_pattern_without_executor_refuses_to_start(
+    registry: Registry, tmp_path: Path
+) -> None:
+    config = {
+        "namespaces": [
+            {"name": "x", "pattern": "test-executorless", "slots": {"store": {"backend": "testkv"}}}
+        ]
+    }
+    options = ServerOptions(config=config, data_dir=tmp_path, registry=registry)
+    with pytest.raises(StartupError, match="pattern 'test-executorless' has no usable executor"):
+        await create_server(options)
+
+
+async def test_config_findings_refuse_to_start(registry: Registry, tmp_path: Path) -> None:
+    config = {"namespaces": [{"name": "x", "pattern": "direct", "slots": {}}]}
+    with pytest.raises(ConfigError) as caught:
+        await create_server(ServerOptions(config=config, data_dir=tmp_path, registry=registry))
+    assert caught.value.diagnostics and all(d.severity == "error" for d in caught.value.diagnostics)
