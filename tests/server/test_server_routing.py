@@ -5,6 +5,8 @@ plugin (tests/runtime/kvfake.py), so these tests depend on no database and no ot
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -165,12 +167,19 @@ async def test_bad_input_names_the_field(channel: grpc.aio.Channel) -> None:
 
 
 async def test_unexpected_exception_is_internal_with_request_id(
-    channel: grpc.aio.Channel,
+    channel: grpc.aio.Channel, caplog: pytest.LogCaptureFixture
 ) -> None:
     stub = kv_grpc.KeyValueBasicServiceStub(channel)
     metadata = (*namespaced("alpha"), ("x-request-id", "req-12345"))
     call = stub.Get(kv.GetRequest(key="boom"), metadata=metadata)
-    err = await rpc_error(call)
+    with caplog.at_level(logging.INFO):
+        err = await rpc_error(call)
+    access = [json.loads(r.getMessage()) for r in caplog.records if r.name == "prism.access"]
+    assert access[-1]["request_id"] == "req-12345" and access[-1]["code"] == "INTERNAL"
+    assert access[-1]["method"].endswith("KeyValueBasicService/Get")
+    assert access[-1]["namespace"] == "alpha" and access[-1]["duration_ms"] >= 0
+    (bug,) = [r for r in caplog.records if r.name == "prism.errors"]
+    assert bug.exc_info is not None and "req-12345" in bug.getMessage()  # traceback logged
     assert err.code() == grpc.StatusCode.INTERNAL
     info, _ = error_details(err)
     assert info is not None and info.reason == "INTERNAL"
