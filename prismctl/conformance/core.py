@@ -61,10 +61,7 @@ def registered() -> dict[str, Case]:
     return dict(_CASES)
 
 
-class _NamespaceInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
-    grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
-):
+class _Namespaced:
     """Adds the namespace header to every call so cases need not pass metadata by hand."""
 
     def __init__(self, namespace: str) -> None:
@@ -77,11 +74,17 @@ class _NamespaceInterceptor(
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )
 
+
+# grpc.aio files an interceptor under the first interceptor kind it is an instance of, so each
+# call kind needs its own class.
+class _NamespaceUnaryUnary(_Namespaced, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
     async def intercept_unary_unary(
         self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
     ) -> Any:
         return await continuation(self._details(client_call_details), request)
 
+
+class _NamespaceUnaryStream(_Namespaced, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
     async def intercept_unary_stream(
         self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
     ) -> Any:
@@ -90,7 +93,9 @@ class _NamespaceInterceptor(
 
 def open_channel(address: str, namespace: str | None = None) -> grpc.aio.Channel:
     """A channel to `address` that sends `namespace` (when given) with every call."""
-    interceptors: Any = [_NamespaceInterceptor(namespace)] if namespace else None
+    interceptors: Any = (
+        [_NamespaceUnaryUnary(namespace), _NamespaceUnaryStream(namespace)] if namespace else None
+    )
     options = [
         ("grpc.max_receive_message_length", 16 * 1024 * 1024),
         ("grpc.max_send_message_length", 16 * 1024 * 1024),
