@@ -1,4 +1,5 @@
-"""Document basic and indexing on the `docs` table (bodies as JSON text, read with JSON1).
+"""Document basic, query, search and indexing on the `docs` table (bodies as JSON text, read
+with JSON1; filters translated to SQL by docquery.py; words in the FTS5 table `doc_words`).
 
 Value indexes are real SQLite expression indexes over json_extract, partial to one namespace and
 collection, so a unique index is enforced by SQLite itself inside the writing transaction.
@@ -160,7 +161,7 @@ def _write(
 
 
 class SqliteDocuments:
-    """document_basic and document_indexing (document_query / _search build on it)."""
+    """document_basic, _query, _search and _indexing."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
