@@ -19,7 +19,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import MaxConnectionsError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from plugins.redis import queue_scripts, scripts
@@ -132,6 +132,8 @@ class RedisConnection:
                 return await awaitable
         except TimeoutError as exc:
             raise Unavailable(f"redis at {where} did not answer within {limit:.3g}s") from exc
+        except MaxConnectionsError as exc:  # a local limit (e.g. live subscriptions), not Redis
+            raise ResourceExhausted(f"connection limit reached for redis at {where}") from exc
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise Unavailable(f"redis at {where} is unreachable: {exc}") from exc
         except ResponseError as exc:

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 from plugins.redis.connection import RedisConnection, Settings
 from plugins.redis.keyvalue import ISOLATION, RedisKeyValue
+from plugins.redis.pubsub import RedisPubSub
 from plugins.redis.queue import RedisQueue
 from plugins.runtime.base import BackendPlugin
 from plugins.runtime.errors import InvalidArgument
@@ -29,6 +30,8 @@ QUEUE_INTERFACES = (
     "queue_delayed",
     "queue_priority",
 )
+PUBSUB_INTERFACES = ("pubsub_basic", "pubsub_wildcards")
+DEFAULT_MAX_SUBSCRIPTIONS = 1000
 
 
 def _positive(config: Mapping[str, Any], name: str, default: float) -> float:
@@ -58,7 +61,8 @@ class RedisPlugin(BackendPlugin):
 
     Config: `connection` (redis://host:port/db), `key_prefix` (default "prism:"), `ttl_seconds`
     (expiry of keys written without their own TTL: a cache slot), `pool_max_size`,
-    `pool_timeout_seconds`, `connect_timeout_seconds`, `socket_timeout_seconds`.
+    `pool_timeout_seconds`, `connect_timeout_seconds`, `socket_timeout_seconds`,
+    `max_subscriptions` (live pub/sub subscriptions, one connection each).
     """
 
     name: ClassVar[str] = "redis"
@@ -72,12 +76,18 @@ class RedisPlugin(BackendPlugin):
         self.conn = RedisConnection(self.settings)
         self.keyvalue = RedisKeyValue(self.conn, self.key_prefix.encode("utf-8"), self.default_ttl)
         self.queue = RedisQueue(self.conn, self.key_prefix.encode("utf-8"))
+        self.pubsub = RedisPubSub(
+            self.conn,
+            self.key_prefix.encode("utf-8"),
+            int(_positive(config, "max_subscriptions", DEFAULT_MAX_SUBSCRIPTIONS)),
+        )
         self._version = "unknown"
 
     def implementations(self) -> Mapping[str, object]:
         return {
             **dict.fromkeys(KEYVALUE_INTERFACES, self.keyvalue),
             **dict.fromkeys(QUEUE_INTERFACES, self.queue),
+            **dict.fromkeys(PUBSUB_INTERFACES, self.pubsub),
         }
 
     async def start(self) -> None:
@@ -85,6 +95,7 @@ class RedisPlugin(BackendPlugin):
         self._version = await self.conn.server_version()
 
     async def close(self) -> None:
+        await self.pubsub.close()
         await self.conn.close()
 
     async def check_health(self) -> bool:
