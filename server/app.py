@@ -142,6 +142,7 @@ async def _assemble(
     options: ServerOptions, registry: Registry, result: ConfigResult, binder: Binder
 ) -> PrismServer:
     router = Router(ns.name for ns in result.namespaces)
+    closers = binder.closers
     health = HealthMonitor(options.health_interval)
     checks: dict[Check, set[str]] = {}
     for ns in result.namespaces:
@@ -155,7 +156,9 @@ async def _assemble(
                     slot.interfaces,
                 )
             pattern = registry.patterns[ns.pattern]
-            exposed = await executor_for(pattern)(BoundNamespace(ns.name, pattern, slots))
+            bound = BoundNamespace(ns.name, pattern, slots)
+            closers.append(bound.on_close)
+            exposed = await executor_for(pattern)(bound)
             for item in exposed:
                 router.add(ns.name, item)
         except BindError as exc:

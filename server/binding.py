@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,8 @@ class Binder:
     describe_timeout: float = DESCRIBE_TIMEOUT
     plugins: dict[str, BackendPlugin] = field(default_factory=dict)
     channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
+    #: per namespace, the cleanups its pattern executor registered (run before plugins close)
+    closers: list[list[Callable[[], Awaitable[object]]]] = field(default_factory=list)
 
     async def bind(
         self, namespace: str, slot: str, slot_config: Mapping[str, Any], needed: list[str]
@@ -126,11 +128,16 @@ class Binder:
         )
 
     async def close(self) -> None:
+        for namespace_closers in self.closers:
+            for close in namespace_closers:
+                with contextlib.suppress(Exception):
+                    await close()
         for plugin in self.plugins.values():
             with contextlib.suppress(Exception):
                 await plugin.close()
         for channel in self.channels.values():
             await channel.close(None)
+        self.closers.clear()
         self.plugins.clear()
         self.channels.clear()
 

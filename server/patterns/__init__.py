@@ -20,9 +20,14 @@ from server.binding import BindError, SlotBinding
 
 @dataclass(frozen=True)
 class BoundNamespace:
+    """What an executor gets: the namespace's filled slots as contract objects. An executor that
+    starts background work appends its cleanup to `on_close`; the server awaits each on stop,
+    before closing the plugins the slots use."""
+
     name: str
     pattern: PatternSpec
     slots: Mapping[str, SlotBinding]
+    on_close: list[Callable[[], Awaitable[object]]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
