@@ -27,15 +27,10 @@ from prism.interfaces.queue.v1 import queue_visibility_pb2 as visibility_pb
 
 from plugins.runtime import validation
 from plugins.runtime.context import CallContext
-from plugins.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from plugins.runtime.errors import FailedPrecondition, NotFound
 from plugins.sqlite.db import Database
 
 DEFAULT_VISIBILITY = 30.0
-MAX_DELAY_SECONDS = 7 * 24 * 3600.0
-MAX_PRIORITY = 1000
-MAX_DELIVERIES = 1000
-DEFAULT_REDRIVE = 100
-MAX_REDRIVE = 1000
 MESSAGE_COLUMNS = "message_id, payload, attributes, enqueue_time, delivery_count, priority"
 
 
@@ -349,22 +344,18 @@ class SqliteQueue:
     ) -> dlq_pb.ConfigureDeadLetterResponse:
         queue = validation.queue_name(request.queue)
         ns = ctx.namespace
-        if not request.dead_letter_queue:
+        config = validation.dead_letter(queue, request.dead_letter_queue, request.max_deliveries)
+        if config is None:
             statement = "DELETE FROM queue_dead_letter WHERE ns = ? AND queue = ?"
             params: tuple[Any, ...] = (ns, queue)
         else:
-            dlq = validation.queue_name(request.dead_letter_queue, "dead_letter_queue")
-            if dlq == queue:
-                raise InvalidArgument("dead_letter_queue", "must differ from queue")
-            if not 1 <= request.max_deliveries <= MAX_DELIVERIES:
-                raise InvalidArgument("max_deliveries", f"must be 1 to {MAX_DELIVERIES}")
             statement = (
                 "INSERT INTO queue_dead_letter (ns, queue, dead_letter_queue, max_deliveries) "
                 "VALUES (?, ?, ?, ?) ON CONFLICT (ns, queue) DO UPDATE SET "
                 "dead_letter_queue = excluded.dead_letter_queue, "
                 "max_deliveries = excluded.max_deliveries"
             )
-            params = (ns, queue, dlq, request.max_deliveries)
+            params = (ns, queue, *config)
         await self.db.write(lambda c: c.execute(statement, params).rowcount)
         return dlq_pb.ConfigureDeadLetterResponse()
 
@@ -383,9 +374,7 @@ class SqliteQueue:
         self, request: dlq_pb.RedriveDeadLettersRequest, ctx: CallContext
     ) -> dlq_pb.RedriveDeadLettersResponse:
         queue = validation.queue_name(request.queue)
-        limit = request.max_messages or DEFAULT_REDRIVE
-        if not 1 <= limit <= MAX_REDRIVE:
-            raise InvalidArgument("max_messages", f"must be 0 to {MAX_REDRIVE}")
+        limit = validation.redrive_count(request.max_messages)
         ns = ctx.namespace
 
         def job(conn: sqlite3.Connection) -> tuple[int, str]:
@@ -417,19 +406,7 @@ class SqliteQueue:
         self, request: delayed_pb.EnqueueDelayedRequest, ctx: CallContext
     ) -> delayed_pb.EnqueueDelayedResponse:
         queue, message = _incoming(request)
-        now = time.time()
-        schedule = request.WhichOneof("schedule")
-        if schedule == "delay":
-            delay = request.delay.seconds + request.delay.nanos / 1e9
-            if not 0 <= delay <= MAX_DELAY_SECONDS:
-                raise InvalidArgument("delay", "must be 0 to 7 days")
-            due = now + delay
-        elif schedule == "deliver_time":
-            due = max(now, request.deliver_time.seconds + request.deliver_time.nanos / 1e9)
-            if due > now + MAX_DELAY_SECONDS:
-                raise InvalidArgument("deliver_time", "must be at most 7 days ahead")
-        else:
-            raise InvalidArgument("delay", "delay or deliver_time is required")
+        due = validation.deliver_at(request, time.time())
         message_id = await self._enqueue(queue, replace(message, due=due), ctx)
         deliver_time = Timestamp()
         deliver_time.FromNanoseconds(int(due * 1e9))
@@ -451,8 +428,6 @@ class SqliteQueue:
     async def enqueue_with_priority(
         self, request: priority_pb.EnqueueWithPriorityRequest, ctx: CallContext
     ) -> priority_pb.EnqueueWithPriorityResponse:
-        if not -MAX_PRIORITY <= request.priority <= MAX_PRIORITY:
-            raise InvalidArgument("priority", f"must be -{MAX_PRIORITY} to {MAX_PRIORITY}")
-        queue, message = _incoming(request, priority=request.priority)
+        queue, message = _incoming(request, priority=validation.priority(request.priority))
         message_id = await self._enqueue(queue, message, ctx)
         return priority_pb.EnqueueWithPriorityResponse(message_id=message_id)
