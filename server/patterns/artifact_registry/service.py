@@ -243,7 +243,8 @@ class ArtifactRegistry:
 
     async def _refresh_latest(self, organization: str, slug: str, ctx: CallContext) -> None:
         """Make exactly one version of the lineage `is_latest`: the pinned one (RollbackVersion)
-        if still published, else the highest published, non-deprecated version."""
+        if still published, else the highest published (non-deprecated) stable version, else
+        the highest published prerelease."""
         for _ in range(CAS_RETRIES):
             versions = await self._lineage_versions(organization, slug, ctx)
             pin = await self.store.get(LINEAGES, model.version_id(organization, slug, ""), ctx)
@@ -254,8 +255,9 @@ class ArtifactRegistry:
                 if s.doc["state"] == "published"
             }
             chosen = next((s for s in published.values() if s.doc["version"] == pinned), None)
+            stable = [v for v in published if not v.prerelease]
             if chosen is None and published:
-                chosen = published[max(published)]
+                chosen = published[max(stable or published)]
             try:
                 for stored in versions:
                     want = stored is chosen
@@ -268,6 +270,11 @@ class ArtifactRegistry:
             except Aborted:
                 continue
             return
+
+    async def _after_publish(self, organization: str, slug: str, ctx: CallContext) -> None:
+        """A new publication ends any RollbackVersion pin and may change the latest version."""
+        await self.store.delete(LINEAGES, model.version_id(organization, slug, ""), ctx)
+        await self._refresh_latest(organization, slug, ctx)
 
     async def create_artifact(
         self, request: pb.CreateArtifactRequest, ctx: CallContext
@@ -288,7 +295,7 @@ class ArtifactRegistry:
             ) from None
         await self._written(stored, pb.CHANGE_KIND_CREATED, ctx)
         if request.publish:
-            await self._refresh_latest(doc["organization"], doc["slug"], ctx)
+            await self._after_publish(doc["organization"], doc["slug"], ctx)
             stored = await self._load(doc_id, ctx)
         return pb.CreateArtifactResponse(artifact=self._artifact(stored))
 
@@ -561,10 +568,8 @@ class ArtifactRegistry:
             doc.update(state="published", publish_time=model.now(), changelog=request.changelog)
 
         stored = await self._mutate(_id(request.id), publish, ctx, request.expected_revision)
-        organization, slug = stored.doc["organization"], stored.doc["slug"]
-        await self.store.delete(LINEAGES, model.version_id(organization, slug, ""), ctx)
         await self.feed.emit(pb.CHANGE_KIND_PUBLISHED, stored.id, stored.doc, ctx)
-        await self._refresh_latest(organization, slug, ctx)
+        await self._after_publish(stored.doc["organization"], stored.doc["slug"], ctx)
         return pb.PublishVersionResponse(artifact=self._artifact(await self._reload(stored, ctx)))
 
     async def deprecate_version(

@@ -905,7 +905,7 @@ class SearchArtifactsRequest(_message.Message):
     page_token: _builtins.str
     @_builtins.property
     def filter(self) -> Global___ArtifactFilter:
-        """Filters; latest_only defaults to true for search."""
+        """Filters. Search always ranks only each lineage's latest version (latest_only is implied)."""
 
     def __init__(
         self,
