@@ -11,12 +11,14 @@ import argparse
 import asyncio
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from prismctl.conformance.core import open_channel
 from prismctl.conformance.runner import describe, run
+from prismctl.registry import load_registry
 
 CONNECT_TIMEOUT = 10.0
 
@@ -40,6 +42,13 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--parallel", type=int, default=4, metavar="N", help="cases run at a time (default 4)"
     )
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=CONNECT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"give up when the target is unreachable this long (default {CONNECT_TIMEOUT:g})",
+    )
     parser.set_defaults(func=command)
 
 
@@ -48,10 +57,8 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def _declared_from_registry(backend: str) -> list[str] | str:
-    from prismctl.registry import load_registry
-
-    registry = load_registry()
+def _declared_from_registry(backend: str, root: Path | None) -> list[str] | str:
+    registry = load_registry(root)
     spec = registry.backends.get(backend)
     if spec is None:
         known = ", ".join(sorted(registry.backends)) or "none"
@@ -59,10 +66,10 @@ def _declared_from_registry(backend: str) -> list[str] | str:
     return list(spec.implements)
 
 
-async def _reachable(address: str) -> bool:
+async def _reachable(address: str, wait: float) -> bool:
     async with open_channel(address) as channel:
         try:
-            await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT)
+            await asyncio.wait_for(channel.channel_ready(), wait)
         except TimeoutError:
             return False
     return True
@@ -71,10 +78,10 @@ async def _reachable(address: str) -> bool:
 async def _main(args: argparse.Namespace) -> int:
     if args.parallel < 1:
         return _fail(f"--parallel: must be at least 1, got {args.parallel}", 2)
-    if not await _reachable(args.target):
-        return _fail(f"--target {args.target}: cannot connect within {CONNECT_TIMEOUT:g}s", 3)
+    if not await _reachable(args.target, args.connect_timeout):
+        return _fail(f"--target {args.target}: cannot connect within {args.connect_timeout:g}s", 3)
     if args.backend:
-        declared = _declared_from_registry(args.backend)
+        declared = _declared_from_registry(args.backend, getattr(args, "registry", None))
         if isinstance(declared, str):
             return _fail(declared, 2)
     elif args.interfaces is not None:
