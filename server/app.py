@@ -18,8 +18,7 @@ import grpc
 import grpc.aio
 import yaml
 
-from plugins.runtime.interceptors import RequestLogInterceptor
-from plugins.runtime.serving import Check, HealthMonitor, enable_reflection
+from plugins.runtime.serving import Check, HealthMonitor, enable_reflection, new_server
 from prismctl.config import ConfigResult, Diagnostic, load_config, validate_config_data
 from prismctl.diagnostics import has_errors
 from prismctl.registry import Registry, load_registry
@@ -173,7 +172,7 @@ async def _assemble(
                 checks.setdefault(slots[slot_name].check, set()).add(item.service.full_name)
     for check, services in checks.items():
         health.watch(sorted(services), check)
-    server = grpc.aio.server(interceptors=[RequestLogInterceptor()])
+    server = new_server()
     server.add_generic_rpc_handlers(tuple(router.handlers()))
     health.add_to_server(server)
     enable_reflection(server, router.services)

@@ -23,7 +23,7 @@ from plugins.runtime.base import BackendPlugin
 from plugins.runtime.grpc_adapter import ContractProxy
 from plugins.runtime.interfaces import catalog
 from plugins.runtime.loader import load_plugin
-from plugins.runtime.serving import Check
+from plugins.runtime.serving import MESSAGE_SIZE_OPTIONS, Check
 from prismctl.registry import Registry
 
 #: keep reconnect attempts to a lost sidecar about a second apart (grpc's default backoff grows
@@ -32,6 +32,7 @@ CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 500),
     ("grpc.min_reconnect_backoff_ms", 500),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    *MESSAGE_SIZE_OPTIONS,
 )
 DESCRIBE_TIMEOUT = 5.0
 

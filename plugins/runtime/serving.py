@@ -15,10 +15,20 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 
+from plugins.runtime.interceptors import RequestLogInterceptor
+
 log = logging.getLogger("prism.health")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+#: gRPC's 4 MiB default would reject a request carrying a maximal value (4 MiB plus framing)
+#: before validation could answer INVALID_ARGUMENT, and a Get returning one; batches carry more.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MESSAGE_SIZE_OPTIONS = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+)
 
 #: True when the backend behind some services answers right now.
 Check = Callable[[], Awaitable[bool]]
@@ -87,6 +97,11 @@ class HealthMonitor:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+
+def new_server() -> grpc.aio.Server:
+    """A grpc.aio server with Prism's interceptor and message size limits."""
+    return grpc.aio.server(interceptors=[RequestLogInterceptor()], options=MESSAGE_SIZE_OPTIONS)
 
 
 def enable_reflection(server: grpc.aio.Server, services: Sequence[str]) -> None:

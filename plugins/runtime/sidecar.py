@@ -28,7 +28,6 @@ from prism.plugin.v1 import plugin_pb2, plugin_pb2_grpc
 from plugins.runtime import errors
 from plugins.runtime.base import BackendPlugin
 from plugins.runtime.grpc_adapter import Target, service_handler
-from plugins.runtime.interceptors import RequestLogInterceptor
 from plugins.runtime.interfaces import catalog
 from plugins.runtime.loader import (
     PluginLoadError,
@@ -43,6 +42,7 @@ from plugins.runtime.serving import (
     configure_logging,
     enable_reflection,
     install_uvloop,
+    new_server,
     on_shutdown_signals,
 )
 from prismctl.source import IOProblem, load_yaml
@@ -88,7 +88,7 @@ class Sidecar:
         self.plugin = plugin
         self.listen = listen
         self.health = HealthMonitor(health_interval)
-        self.server = grpc.aio.server(interceptors=[RequestLogInterceptor()])
+        self.server = new_server()
         self.port = 0
 
     @property

@@ -28,6 +28,7 @@ from prism.interfaces.keyvalue.v1 import keyvalue_ttl_pb2_grpc as kvttl_grpc
 from prism.interfaces.pubsub.v1 import pubsub_basic_pb2 as ps
 from prism.interfaces.pubsub.v1 import pubsub_basic_pb2_grpc as ps_grpc
 
+from plugins.runtime.validation import MAX_VALUE_BYTES
 from prismctl.registry import Registry, load_registry
 from server.app import ConfigError, PrismServer, ServerOptions, StartupError, create_server
 from tests.runtime.kvfake import KvFakePlugin, registry_with_testkv
@@ -164,6 +165,17 @@ async def test_bad_input_names_the_field(channel: grpc.aio.Channel) -> None:
     )
     assert bad.field_violations[0].field == "key"
     assert bad.field_violations[0].description == "must not be empty"
+
+
+async def test_oversize_value_is_invalid_argument_not_a_transport_error(
+    channel: grpc.aio.Channel,
+) -> None:
+    stub = kv_grpc.KeyValueBasicServiceStub(channel)
+    too_big = kv.SetRequest(key="big", value=b"x" * (MAX_VALUE_BYTES + 1))
+    err = await rpc_error(stub.Set(too_big, metadata=namespaced("alpha")))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    _, bad = error_details(err)
+    assert bad is not None and bad.field_violations[0].field == "value"
 
 
 async def test_unexpected_exception_is_internal_with_request_id(

@@ -20,6 +20,8 @@ from prism.interfaces.pubsub.v1 import pubsub_basic_pb2_grpc as ps_grpc
 from prism.plugin.v1 import plugin_pb2
 
 from plugins.runtime.interfaces import catalog
+from plugins.runtime.serving import MESSAGE_SIZE_OPTIONS
+from plugins.runtime.validation import MAX_VALUE_BYTES
 from prismctl.registry import Registry, load_registry
 from server.app import ServerOptions, StartupError, create_server
 from server.binding import BindError, verify_sidecar
@@ -112,6 +114,12 @@ async def test_calls_errors_deadlines_and_streams_go_through_the_sidecar(
             await stub.Get(kv.GetRequest(key="slow"), timeout=0.3)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert time.monotonic() - started < 2.0
+
+        largest = kv.SetRequest(key="big", value=b"x" * MAX_VALUE_BYTES)
+        await stub.Set(largest)  # > gRPC's 4 MiB default message size, through both hops
+        async with grpc.aio.insecure_channel(server.address, options=MESSAGE_SIZE_OPTIONS) as big:
+            got = await kv_grpc.KeyValueBasicServiceStub(big).Get(kv.GetRequest(key="big"))
+            assert len(got.value) == MAX_VALUE_BYTES
 
         pubsub = ps_grpc.PubSubBasicServiceStub(channel)
         stream = pubsub.Subscribe(ps.SubscribeRequest(topic="t"))
