@@ -297,7 +297,9 @@ def _check_slot(
                     related=[_note(backend.location, "declared here")],
                 )
             )
-        _check_backend_config(src, path, backend, config, diags)
+        if "address" not in data or "config" in data:
+            # a sidecar slot's config lives with the sidecar, which validates it itself
+            _check_backend_config(src, path, backend, config, diags)
     if listed is not None:
         _check_listed(src, reg, path, slot_name, listed, spec, backend, diags)
     if spec is not None and backend is not None:
