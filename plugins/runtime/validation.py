@@ -313,3 +313,74 @@ def topic_matches(pattern: list[str], topic_tokens: list[str]) -> bool:
         if i >= len(topic_tokens) or (token != "*" and token != topic_tokens[i]):
             return False
     return len(topic_tokens) == len(pattern)
+
+
+# Streams (proto/prism/interfaces/stream/v1) ----------------------------------------------------
+DEFAULT_ACK_TIMEOUT_SECONDS = 30.0
+MIN_ACK_TIMEOUT_SECONDS = 1.0
+MAX_ACK_TIMEOUT_SECONDS = 12 * 3600.0
+DEFAULT_MAX_IN_FLIGHT = 100
+MAX_IN_FLIGHT = 1000
+MAX_ACK_OFFSETS = 1000
+
+
+def stream_name(name: str, field: str = "stream") -> str:
+    """Stream, group and consumer names follow the collection rule."""
+    return collection(name, field)
+
+
+def record_key(value: str, field: str = "key") -> str:
+    """An optional record key: empty allowed, at most 1024 bytes."""
+    if len(value.encode("utf-8")) > MAX_KEY_BYTES:
+        raise InvalidArgument(field, f"longer than {MAX_KEY_BYTES} bytes")
+    return value
+
+
+def non_negative(count: int, field: str) -> int:
+    if count < 0:
+        raise InvalidArgument(field, "must not be negative")
+    return count
+
+
+def ack_timeout(duration: Duration, present: bool, field: str = "ack_timeout") -> float:
+    """A consumer group's ack timeout in seconds: unset or 0 → 30 s; otherwise 1 s to 12 h."""
+    seconds = _seconds(duration) if present else 0.0
+    if seconds == 0:
+        return DEFAULT_ACK_TIMEOUT_SECONDS
+    if not MIN_ACK_TIMEOUT_SECONDS <= seconds <= MAX_ACK_TIMEOUT_SECONDS:
+        raise InvalidArgument(field, "must be 1 second to 12 hours")
+    return seconds
+
+
+def max_in_flight(count: int, field: str = "max_in_flight") -> int:
+    """0 → 100; otherwise 1 to 1000."""
+    if count == 0:
+        return DEFAULT_MAX_IN_FLIGHT
+    if not 1 <= count <= MAX_IN_FLIGHT:
+        raise InvalidArgument(field, f"must be 0 to {MAX_IN_FLIGHT}")
+    return count
+
+
+def ack_offsets(offsets: Iterable[int], field: str = "offsets") -> list[int]:
+    result = list(offsets)
+    if not 1 <= len(result) <= MAX_ACK_OFFSETS:
+        raise InvalidArgument(field, f"must hold 1 to {MAX_ACK_OFFSETS} offsets")
+    return result
+
+
+def replay_range(start: int, end: int) -> tuple[int, int]:
+    if start <= 0:
+        raise InvalidArgument("start_offset", "must be positive")
+    if end < start:
+        raise InvalidArgument("end_offset", "must be at least start_offset")
+    return start, end
+
+
+def max_age(duration: Duration, present: bool, field: str = "max_age") -> float:
+    """A retention age in seconds: unset or 0 → 0 (no limit); otherwise positive, ≤ 10 years."""
+    seconds = _seconds(duration) if present else 0.0
+    if seconds < 0:
+        raise InvalidArgument(field, "must be positive")
+    if seconds > MAX_TTL_SECONDS:
+        raise InvalidArgument(field, "must be at most 10 years")
+    return seconds
