@@ -6,16 +6,11 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-REGISTRY = REPO / "registry"
-FIXTURES = REPO / "tests" / "fixtures" / "configs"
-
-Run = Callable[..., subprocess.CompletedProcess[str]]
+from tests.cli.cli_support import REGISTRY, Run
 
 
 def prismctl_path() -> str:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import Run
 
 from prismctl.generate import choose_backend
 from prismctl.main import main
 from prismctl.registry import load_registry
+from tests.cli.cli_support import Run
 
 REG = load_registry()
 CHOICES = [

@@ -8,7 +8,8 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import Run
+
+from tests.cli.cli_support import Run
 
 HEADLINE = re.compile(
     r"^(?P<file>[^:]+):(?P<line>\d+):(?P<col>\d+): (?P<msg>.+) \[(?P<rule>[A-Z_0-9]+)\]$"

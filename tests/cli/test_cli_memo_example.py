@@ -7,9 +7,9 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, Run
 
 from prismctl.registry import load_registry
+from tests.cli.cli_support import FIXTURES, Run
 
 MEMO = FIXTURES / "memo006-iot-devices.yaml"
 DURABILITY = ["queue_basic", "queue_visibility", "queue_dead_letter"]

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import Run
 
 from prismctl.registry import load_registry
 from prismctl.registry_check import matrix_data
+from tests.cli.cli_support import Run
 
 REG = load_registry()
 
@@ -118,11 +118,11 @@ BREAKS = [
     ),
     (
         "recommended-lacks",
-        "patterns/multicast-registry.yaml",
-        "recommended_backends: [nats, memstore]",
-        "recommended_backends: [nats, memstore, sqlite]",
+        "patterns/keyvalue.yaml",
+        "recommended_backends: [sqlite,",
+        "recommended_backends: [nats, sqlite,",
         "RECOMMENDED_BACKEND_LACKS",
-        "recommended_backends: [nats, memstore, sqlite]",
+        "recommended_backends: [nats, sqlite,",
     ),
     (
         "slot-unknown-interface",

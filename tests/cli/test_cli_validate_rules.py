@@ -8,9 +8,9 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, Run
 
 from prismctl.config import CONFIG_RULES
+from tests.cli.cli_support import FIXTURES, Run
 
 RULE_FIXTURES = sorted((FIXTURES / "rules").glob("*.yaml"))
 EXPECT = re.compile(
