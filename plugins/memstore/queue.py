@@ -28,14 +28,9 @@ from prism.interfaces.queue.v1 import queue_visibility_pb2 as visibility
 
 from plugins.runtime import validation
 from plugins.runtime.context import CallContext
-from plugins.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from plugins.runtime.errors import FailedPrecondition, NotFound
 
 DEFAULT_VISIBILITY = 30.0
-MAX_DELAY = 7 * 24 * 3600.0
-MAX_PRIORITY = 1000
-MAX_DEAD_LETTER_DELIVERIES = 1000
-DEFAULT_REDRIVE = 100
-MAX_REDRIVE = 1000
 
 
 @dataclass(slots=True)
@@ -328,15 +323,9 @@ class MemstoreQueues:
         self, request: dead_letter.ConfigureDeadLetterRequest, ctx: CallContext
     ) -> dead_letter.ConfigureDeadLetterResponse:
         q = self._queue(ctx.namespace, request.queue)
-        if not request.dead_letter_queue:
-            q.dead_letter = None
-            return dead_letter.ConfigureDeadLetterResponse()
-        dlq = validation.queue_name(request.dead_letter_queue, "dead_letter_queue")
-        if dlq == request.queue:
-            raise InvalidArgument("dead_letter_queue", "must differ from queue")
-        if not 1 <= request.max_deliveries <= MAX_DEAD_LETTER_DELIVERIES:
-            raise InvalidArgument("max_deliveries", f"must be 1 to {MAX_DEAD_LETTER_DELIVERIES}")
-        q.dead_letter = (dlq, request.max_deliveries)
+        q.dead_letter = validation.dead_letter(
+            request.queue, request.dead_letter_queue, request.max_deliveries
+        )
         return dead_letter.ConfigureDeadLetterResponse()
 
     async def get_dead_letter_config(
@@ -355,9 +344,7 @@ class MemstoreQueues:
         self, request: dead_letter.RedriveDeadLettersRequest, ctx: CallContext
     ) -> dead_letter.RedriveDeadLettersResponse:
         q = self._queue(ctx.namespace, request.queue)
-        if request.max_messages < 0 or request.max_messages > MAX_REDRIVE:
-            raise InvalidArgument("max_messages", f"must be 0 to {MAX_REDRIVE}")
-        limit = request.max_messages or DEFAULT_REDRIVE
+        limit = validation.redrive_count(request.max_messages)
         if q.dead_letter is None:
             raise FailedPrecondition(
                 f"queue {request.queue!r} has no dead-letter configuration",
@@ -388,19 +375,7 @@ class MemstoreQueues:
         self, request: delayed.EnqueueDelayedRequest, ctx: CallContext
     ) -> delayed.EnqueueDelayedResponse:
         q = self._queue(ctx.namespace, request.queue)
-        now = time.time()
-        which = request.WhichOneof("schedule")
-        if which is None:
-            raise InvalidArgument("delay", "one of delay or deliver_time is required")
-        if which == "delay":
-            seconds = request.delay.seconds + request.delay.nanos / 1e9
-            if not 0 <= seconds <= MAX_DELAY:
-                raise InvalidArgument("delay", "must be 0 to 7 days")
-            due = now + seconds
-        else:
-            due = max(now, request.deliver_time.ToNanoseconds() / 1e9)
-            if due > now + MAX_DELAY:
-                raise InvalidArgument("deliver_time", "must be at most 7 days ahead")
+        due = validation.deliver_at(request, time.time())
         message_id = self._append(q, request.payload, request.attributes, 0, due)
         deliver_time = Timestamp()
         deliver_time.FromNanoseconds(round(due * 1e9))
@@ -420,7 +395,6 @@ class MemstoreQueues:
         self, request: priority.EnqueueWithPriorityRequest, ctx: CallContext
     ) -> priority.EnqueueWithPriorityResponse:
         q = self._queue(ctx.namespace, request.queue)
-        if not -MAX_PRIORITY <= request.priority <= MAX_PRIORITY:
-            raise InvalidArgument("priority", f"must be -{MAX_PRIORITY} to {MAX_PRIORITY}")
-        message_id = self._append(q, request.payload, request.attributes, request.priority)
+        prio = validation.priority(request.priority)
+        message_id = self._append(q, request.payload, request.attributes, prio)
         return priority.EnqueueWithPriorityResponse(message_id=message_id)
