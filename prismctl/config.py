@@ -128,14 +128,10 @@ def duplicate_namespaces(results: Iterable[ConfigResult]) -> list[Diagnostic]:
                         "DUPLICATE_NAMESPACE",
                         f"namespace '{ns.name}' is defined twice",
                         "rename one of them or merge their slots",
-                        related=[_note(first, "first defined here")],
+                        related=[first.noted("first defined here")],
                     )
                 )
     return found
-
-
-def _note(loc: Location, note: str) -> Location:
-    return Location(loc.file, loc.line, loc.col, note)
 
 
 def _validate(src: Source, registry: Registry) -> ConfigResult:
@@ -198,7 +194,7 @@ def _check_namespace(
                 "UNKNOWN_PATTERN_VERSION",
                 f"pattern '{pattern.name}' has no version '{version}'",
                 f"use pattern_version: {pattern.version}",
-                related=[_note(pattern.location, f"{pattern.name} is defined here")],
+                related=[pattern.location.noted(f"{pattern.name} is defined here")],
             )
         )
     slots: dict[str, SlotConfig] = {}
@@ -246,7 +242,7 @@ def _check_slot_presence(
                     f"required slot '{spec.name}' of pattern '{pattern.name}' is not filled",
                     f"add slots.{spec.name} with a backend implementing "
                     f"{', '.join(spec.required_interfaces)}",
-                    related=[_note(spec.location, "slot defined here")],
+                    related=[spec.location.noted("slot defined here")],
                 )
             )
     known_filled = [s for s in filled if s in pattern.slots]
@@ -294,7 +290,7 @@ def _check_slot(
                     "the server cannot bind this slot in-process",
                     "use an available backend or bind the slot to a sidecar with address:",
                     severity="warning",
-                    related=[_note(backend.location, "declared here")],
+                    related=[backend.location.noted("declared here")],
                 )
             )
         if "address" not in data or "config" in data:
@@ -322,8 +318,7 @@ def _check_slot(
 
 
 def _lacks(backend: BackendSpec, interface: str) -> Location:
-    return _note(
-        backend.implements_location,
+    return backend.implements_location.noted(
         f"{backend.name}'s implements list (registry matrix) has no {interface}",
     )
 
@@ -392,7 +387,7 @@ def _check_listed(
                     "INTERFACE_NOT_IN_SLOT",
                     f"slot '{slot_name}' does not use {iid}",
                     f"remove it; the slot uses {', '.join(spec.interfaces)}",
-                    related=[_note(spec.location, "slot defined here")],
+                    related=[spec.location.noted("slot defined here")],
                 )
             )
         elif (
@@ -418,7 +413,7 @@ def _check_backend_config(
     config: dict[str, Any],
     diags: list[Diagnostic],
 ) -> None:
-    related = [_note(backend.location, f"{backend.name}'s config_schema")]
+    related = [backend.location.noted(f"{backend.name}'s config_schema")]
     for _, d in schema_errors(
         src, backend.config_schema, config, (*path, "config"), rule_id="BACKEND_CONFIG"
     ):

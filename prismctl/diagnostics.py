@@ -22,6 +22,10 @@ class Location:
     def __str__(self) -> str:
         return f"{self.file}:{self.line}:{self.col}"
 
+    def noted(self, note: str) -> Location:
+        """The same place, labelled for use as a diagnostic's second location."""
+        return Location(self.file, self.line, self.col, note)
+
 
 @dataclass(frozen=True)
 class Diagnostic:

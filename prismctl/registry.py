@@ -184,17 +184,16 @@ def _load(reg: Registry, path: Path, schema: str) -> Source | None:
     return src if src.ok else None
 
 
-def _duplicate(reg: Registry, kind: str, name: str, here: Location, first: Location) -> bool:
+def _duplicate(reg: Registry, kind: str, name: str, here: Location, first: Location) -> None:
     reg.diagnostics.append(
         Diagnostic.at(
             here,
             "REGISTRY_DUPLICATE",
             f"{kind} '{name}' is defined twice",
             "remove one definition",
-            related=[Location(first.file, first.line, first.col, "first defined here")],
+            related=[first.noted("first defined here")],
         )
     )
-    return True
 
 
 def _add_model(reg: Registry, src: Source) -> None:

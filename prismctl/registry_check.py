@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from prismctl.diagnostics import Diagnostic, Location
+from prismctl.diagnostics import Diagnostic
 from prismctl.registry import Registry
 from prismctl.source import IOProblem, load_yaml, schema_diagnostics
 
@@ -189,14 +189,10 @@ def _check_backends(reg: Registry) -> list[Diagnostic]:
                         "PLANNED_INTERFACE_CLAIMED",
                         f"backend {b.name} claims {iid}, which is planned (no proto yet)",
                         "remove it until the proto and an implementation exist",
-                        related=[Location(*_pos(spec.location), "declared planned here")],
+                        related=[spec.location.noted("declared planned here")],
                     )
                 )
     return out
-
-
-def _pos(loc: Location) -> tuple[str, int, int]:
-    return loc.file, loc.line, loc.col
 
 
 def _check_patterns(reg: Registry) -> list[Diagnostic]:
@@ -240,7 +236,7 @@ def _check_patterns(reg: Registry) -> list[Diagnostic]:
                             "RECOMMENDED_BACKEND_LACKS",
                             f"pattern {p.name} slot {slot.name} recommends {name}, which lacks "
                             f"{', '.join(lacking)}",
-                            related=[Location(*_pos(backend.implements_location), "implements")],
+                            related=[backend.implements_location.noted("implements")],
                         )
                     )
     return out

@@ -153,7 +153,7 @@ def _convert(node: yaml.Node, path: PathKey, src: Source, loader: yaml.CSafeLoad
                         "DUPLICATE_KEY",
                         f"duplicate key '{key}'",
                         "keep one of the two",
-                        related=[Location(first.file, first.line, first.col, "first defined here")],
+                        related=[first.noted("first defined here")],
                     )
                 )
                 continue
