@@ -513,9 +513,12 @@ class PostgresKeyValue:
         job: Callable[[Conn], Awaitable[T]],
         *,
         finish: bool = False,
+        on_conflict: T | None = None,
     ) -> T:
         """Run `job` on the transaction's connection, one call at a time. A failing statement
-        kills the database transaction, so the failure is remembered and Commit reports it.
+        kills the database transaction, so the failure is remembered and every later call,
+        Commit included, reports it. A write given `on_conflict` answers that instead of
+        TRANSACTION_CONFLICT: the contract reports conflicts at Commit, which will fail.
         `finish` ends the transaction afterwards, whatever happened."""
         txn = self._transaction(transaction_id, ctx)
         async with txn.lock:
@@ -532,6 +535,8 @@ class PostgresKeyValue:
                         translate(exc, timeout)
                     except PrismError as err:
                         txn.failure = err
+                        if on_conflict is not None and err.reason == "TRANSACTION_CONFLICT":
+                            return on_conflict
                         raise
                 txn.touch()
                 return result
@@ -581,7 +586,10 @@ class PostgresKeyValue:
         key = validation.key(request.key)
         value = validation.value(request.value)
         await self._in_transaction(
-            request.transaction_id, ctx, lambda c: put(c, ctx.namespace, key, value, None)
+            request.transaction_id,
+            ctx,
+            lambda c: put(c, ctx.namespace, key, value, None),
+            on_conflict=0,
         )
         return tx_pb.SetInTransactionResponse()
 
@@ -601,7 +609,7 @@ class PostgresKeyValue:
     ) -> tx_pb.DeleteInTransactionResponse:
         key = validation.key(request.key)
         deleted = await self._in_transaction(
-            request.transaction_id, ctx, lambda c: remove(c, ctx.namespace, key)
+            request.transaction_id, ctx, lambda c: remove(c, ctx.namespace, key), on_conflict=False
         )
         return tx_pb.DeleteInTransactionResponse(deleted=deleted)
 

@@ -31,8 +31,8 @@ SWEEP_CHUNK = 1000
 
 ISOLATION = (
     f"{TX_ISOLATION.lower()} (snapshot): a transaction reads a snapshot taken at its first "
-    "statement plus its own writes; a write to a key another transaction changed since is "
-    "rejected with TRANSACTION_CONFLICT (first updater wins, no lost updates)"
+    "statement plus its own writes; writing a key another transaction changed since dooms it, "
+    "and Commit answers TRANSACTION_CONFLICT (first updater wins, no lost updates)"
 )
 
 

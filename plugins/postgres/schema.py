@@ -32,6 +32,31 @@ MIGRATIONS: list[tuple[LiteralString, ...]] = [
         )""",
         "CREATE INDEX prism_kv_expiry ON prism_kv (expires_at) WHERE expires_at IS NOT NULL",
     ),
+    # 2: documents (JSONB) with the contract's search words of every string in the body (a GIN
+    # prefilter for DocumentSearch), and the metadata of per-collection indexes
+    (
+        """CREATE TABLE prism_docs (
+            ns text COLLATE "C" NOT NULL,
+            collection text COLLATE "C" NOT NULL,
+            id text COLLATE "C" NOT NULL,
+            body jsonb NOT NULL,
+            words text[] COLLATE "C" NOT NULL,
+            revision bigint NOT NULL,
+            create_time timestamptz NOT NULL,
+            update_time timestamptz NOT NULL,
+            PRIMARY KEY (ns, collection, id)
+        )""",
+        "CREATE INDEX prism_docs_words ON prism_docs USING gin (words)",
+        "CREATE INDEX prism_docs_body ON prism_docs USING gin (body jsonb_path_ops)",
+        """CREATE TABLE prism_doc_indexes (
+            ns text COLLATE "C" NOT NULL,
+            collection text COLLATE "C" NOT NULL,
+            name text COLLATE "C" NOT NULL,
+            definition bytea NOT NULL,
+            sql_name text NOT NULL UNIQUE,
+            PRIMARY KEY (ns, collection, name)
+        )""",
+    ),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
