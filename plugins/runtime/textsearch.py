@@ -200,3 +200,58 @@ def highlight_options(
         post_tag or DEFAULT_POST_TAG,
         snippet_words or DEFAULT_SNIPPET_WORDS,
     )
+
+
+# Whole-listing helpers for backends that prefilter candidates natively -----------------------
+def search_position(position: Any, field: str = "page_token") -> tuple[float, str] | None:
+    """The (score, id) keyset position a search page token carries; None for the first page."""
+    if position is None:
+        return None
+    if not (
+        isinstance(position, list)
+        and len(position) == 2
+        and isinstance(position[0], int | float)
+        and not isinstance(position[0], bool)
+        and isinstance(position[1], str)
+    ):
+        raise InvalidArgument(field, "malformed page token")
+    return float(position[0]), position[1]
+
+
+def rank(
+    candidates: Sequence[tuple[str, Any]],
+    fields: Sequence[SearchField],
+    terms: Sequence[str],
+    query: str,
+    after: tuple[float, str] | None = None,
+) -> list[tuple[float, int]]:
+    """(score, index into `candidates`) of the candidates (id, body) that match, best first
+    (score descending, id ascending), keeping only those after the keyset position `after`.
+    Candidates may be a superset of the matches (e.g. "has every term somewhere")."""
+    per_doc = [document_words(body, fields) for _, body in candidates]
+    averages = [
+        sum(doc[k].length for doc in per_doc) / len(per_doc) if per_doc else 0.0
+        for k in range(len(fields))
+    ]
+    query_words = normalized(query)
+    scored: list[tuple[float, int]] = []
+    for i, doc in enumerate(per_doc):
+        value = score(doc, terms, query_words, averages)
+        if value is None:
+            continue
+        if after is None or (-value, candidates[i][0]) > (-after[0], after[1]):
+            scored.append((value, i))
+    scored.sort(key=lambda hit: (-hit[0], candidates[hit[1]][0]))
+    return scored
+
+
+def highlights(
+    body: Any, fields: Sequence[SearchField], terms: Sequence[str], tags: tuple[str, str, int]
+) -> list[tuple[str, str]]:
+    """(field name, snippet) for every searched field containing a term, in field order."""
+    result = []
+    for f in fields:
+        text = highlight_text(body, f.path, terms)
+        if text is not None:
+            result.append((f.name, snippet(text, terms, *tags)))
+    return result
