@@ -9,6 +9,7 @@ and the code disagree, so a plugin can never claim an interface it does not serv
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -58,12 +59,23 @@ def plugin_class(spec: BackendSpec) -> type[BackendPlugin]:
 def config_errors(
     spec: BackendSpec, config: Mapping[str, Any]
 ) -> list[tuple[tuple[str | int, ...], str]]:
-    """Violations of the backend's config_schema: (path inside the config, problem)."""
+    """Violations of the backend's config_schema and connection string format (the checks
+    `prismctl validate` makes on a slot's config block): (path inside the config, problem)."""
     validator = Draft202012Validator(spec.config_schema)
-    return [
+    found: list[tuple[tuple[str | int, ...], str]] = [
         (tuple(err.absolute_path), err.message)
         for err in sorted(validator.iter_errors(dict(config)), key=lambda e: list(e.absolute_path))
     ]
+    connection = config.get("connection")
+    if isinstance(connection, str) and not re.fullmatch(spec.connection_pattern, connection):
+        found.append(
+            (
+                ("connection",),
+                f"'{connection}' does not match {spec.name}'s format "
+                f"{spec.connection_string_format}",
+            )
+        )
+    return found
 
 
 def describe_path(path: tuple[str | int, ...]) -> str:

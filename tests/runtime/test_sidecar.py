@@ -123,6 +123,7 @@ def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]
         ("slow_seconds: -1\n", "1:15: slow_seconds: -1 is less than the minimum of 0"),
         ("colour: blue\n", "Additional properties are not allowed ('colour' was unexpected)"),
         ("- a\n- b\n", "config must be a YAML mapping"),
+        ("connection: redis://x\n", "1:13: connection: 'redis://x' does not match testkv's format"),
         ("a: [\n", "invalid YAML"),
     ],
 )
