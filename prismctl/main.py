@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from prismctl import cli_registry, cli_validate, generate
+from prismctl import cli_artifacts, cli_registry, cli_validate, generate
 from prismctl.cli_common import EXIT_INTERNAL, EXIT_USAGE, CliError
 
 CONFORMANCE_MODULE = "prismctl.conformance.cli"
@@ -39,6 +39,7 @@ def build_parser(argv: Sequence[str] = ()) -> Parser:
     cli_registry.register(sub)
     cli_validate.register(sub)
     generate.register(sub)
+    cli_artifacts.register(sub)
     _register_conformance(sub, wanted="conformance" in argv)
     return parser
 

@@ -32,8 +32,9 @@ EMBEDDED_SOURCE = "<embedded default config>"
 
 
 def embedded_default() -> dict[str, Any]:
-    """No config given: namespace `default` on pattern `direct` with SQLite keyvalue, document
-    and queue slots (one database file in the data directory)."""
+    """No config given: everything on one SQLite file in the data directory — namespace
+    `default` (pattern `direct`: keyvalue, document and queue slots) and namespace `registry`
+    (the artifact registry, its store and L2 cache on the same file)."""
     sqlite = {"backend": "sqlite", "config": {"connection": "sqlite:///prism.db"}}
     return {
         "namespaces": [
@@ -42,7 +43,13 @@ def embedded_default() -> dict[str, Any]:
                 "pattern": "direct",
                 "pattern_version": "v1",
                 "slots": {slot: dict(sqlite) for slot in ("keyvalue", "document", "queue")},
-            }
+            },
+            {
+                "name": "registry",
+                "pattern": "artifact-registry",
+                "pattern_version": "v1",
+                "slots": {slot: dict(sqlite) for slot in ("store", "cache")},
+            },
         ]
     }
 
