@@ -30,7 +30,7 @@ class KeyValueScanServiceStub:
 
     Pagination follows AIP-158 with keyset semantics: a page token encodes the last key returned,
     so a scan that spans inserts and deletes never returns a key twice and never skips a key that
-    existed for the whole scan. Prefixes are literal: `%`, `_`, `*` and `\` have no special meaning.
+    existed for the whole scan. Prefixes are literal: `%`, `_`, `*` and backslash have no special meaning.
     """
 
     def __init__(self, channel):
@@ -61,7 +61,7 @@ class KeyValueScanServiceServicer:
 
     Pagination follows AIP-158 with keyset semantics: a page token encodes the last key returned,
     so a scan that spans inserts and deletes never returns a key twice and never skips a key that
-    existed for the whole scan. Prefixes are literal: `%`, `_`, `*` and `\` have no special meaning.
+    existed for the whole scan. Prefixes are literal: `%`, `_`, `*` and backslash have no special meaning.
     """
 
     def Scan(self, request, context):
@@ -116,7 +116,7 @@ class KeyValueScanService:
 
     Pagination follows AIP-158 with keyset semantics: a page token encodes the last key returned,
     so a scan that spans inserts and deletes never returns a key twice and never skips a key that
-    existed for the whole scan. Prefixes are literal: `%`, `_`, `*` and `\` have no special meaning.
+    existed for the whole scan. Prefixes are literal: `%`, `_`, `*` and backslash have no special meaning.
     """
 
     @staticmethod

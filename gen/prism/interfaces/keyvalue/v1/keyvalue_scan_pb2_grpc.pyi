@@ -31,7 +31,7 @@ class KeyValueScanServiceStub:
 
     Pagination follows AIP-158 with keyset semantics: a page token encodes the last key returned,
     so a scan that spans inserts and deletes never returns a key twice and never skips a key that
-    existed for the whole scan. Prefixes are literal: `%`, `_`, `*` and `\\` have no special meaning.
+    existed for the whole scan. Prefixes are literal: `%`, `_`, `*` and backslash have no special meaning.
     """
 
     @_typing.overload
@@ -51,7 +51,7 @@ class KeyValueScanServiceAsyncStub(KeyValueScanServiceStub):
 
     Pagination follows AIP-158 with keyset semantics: a page token encodes the last key returned,
     so a scan that spans inserts and deletes never returns a key twice and never skips a key that
-    existed for the whole scan. Prefixes are literal: `%`, `_`, `*` and `\\` have no special meaning.
+    existed for the whole scan. Prefixes are literal: `%`, `_`, `*` and backslash have no special meaning.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -67,7 +67,7 @@ class KeyValueScanServiceServicer(metaclass=_abc_1.ABCMeta):
 
     Pagination follows AIP-158 with keyset semantics: a page token encodes the last key returned,
     so a scan that spans inserts and deletes never returns a key twice and never skips a key that
-    existed for the whole scan. Prefixes are literal: `%`, `_`, `*` and `\\` have no special meaning.
+    existed for the whole scan. Prefixes are literal: `%`, `_`, `*` and backslash have no special meaning.
     """
 
     @_abc_1.abstractmethod
