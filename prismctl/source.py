@@ -129,12 +129,33 @@ def parse_yaml(text: str, file: str) -> Source:
             Diagnostic(file, 1, 1, "EMPTY_FILE", "file is empty", "add the document's content")
         )
         return src
-    src.data = _convert(node, (), src, yaml.CSafeLoader(""))
+    try:
+        src.data = _convert(node, (), src, yaml.CSafeLoader(""))
+    except _TooBig as exc:
+        src.data = None
+        src.diagnostics.append(Diagnostic.at(exc.location, "YAML_SYNTAX", str(exc)))
+    except RecursionError:
+        src.data = None
+        src.diagnostics.append(
+            Diagnostic(file, 1, 1, "YAML_SYNTAX", "invalid YAML: nested too deeply")
+        )
     return src
+
+
+#: Values one document may expand to: aliases can make a small file huge (billion laughs).
+MAX_VALUES = 200_000
+
+
+class _TooBig(Exception):
+    def __init__(self, location: Location) -> None:
+        super().__init__(f"document expands to more than {MAX_VALUES} values (nested aliases?)")
+        self.location = location
 
 
 def _convert(node: yaml.Node, path: PathKey, src: Source, loader: yaml.CSafeLoader) -> Any:
     src.values[path] = _loc(src.file, node.start_mark)
+    if len(src.values) > MAX_VALUES:
+        raise _TooBig(src.values[path])
     if isinstance(node, yaml.MappingNode):
         result: dict[str, Any] = {}
         for key_node, value_node in node.value:

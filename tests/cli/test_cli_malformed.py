@@ -46,6 +46,17 @@ CASES: dict[str, tuple[bytes | None, str, int, str]] = {
         "5:32",
     ),
     "not-utf8": (b"namespaces:\n  - name: \xff\xfe\n", "NOT_UTF8", 1, "2:11"),
+    "alias-bomb": (
+        b"a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n"
+        + b"".join(
+            b"a%d: &a%d [" % (i, i) + b", ".join([b"*a%d" % (i - 1)] * 10) + b"]\n"
+            for i in range(1, 9)
+        ),
+        "YAML_SYNTAX",
+        1,
+        "1:34",
+    ),
+    "nested-too-deeply": (b"namespaces: " + b"[" * 5000 + b"]" * 5000, "YAML_SYNTAX", 1, "1:1"),
     "binary": (b"\x00\x01\x02\x89PNG", "NOT_UTF8", 1, "1:4"),
 }
 
