@@ -43,7 +43,7 @@ CONFIG_RULES: dict[str, str] = {
     "MISSING_REQUIRED_SLOT": "a required slot of the pattern is not filled",
     "TOO_FEW_SLOTS": "the pattern needs more filled slots (direct: at least one)",
     "UNKNOWN_BACKEND": "the backend is not in the registry",
-    "BACKEND_PLANNED": "warning: the backend has no plugin yet",
+    "BACKEND_PLANNED": "warning: the backend has no plugin yet (and no sidecar address: is given)",
     "BACKEND_CONFIG": "the slot's config is rejected by the backend's config_schema",
     "CONNECTION_FORMAT": "config.connection does not match the backend's connection format",
     "UNKNOWN_INTERFACE": "an interfaces entry names no interface in the registry",
@@ -281,7 +281,7 @@ def _check_slot(
             )
         )
     else:
-        if backend.status == "planned":
+        if backend.status == "planned" and not data.get("address"):
             diags.append(
                 Diagnostic.at(
                     src.at((*path, "backend")),

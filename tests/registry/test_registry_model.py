@@ -271,3 +271,29 @@ def test_broken_third_party_backend_is_a_diagnostic(
     assert finding.rule_id == "ENTRY_POINT"
     assert "acme needs libacme.so" in finding.message
     assert "acme" not in reg.backends
+
+
+def test_planned_backend_warns_unless_bound_to_a_sidecar() -> None:
+    planned = next((b for b in REG.backends.values() if b.status == "planned"), None)
+    if planned is None:
+        pytest.skip("every backend has a plugin now")
+    slot = next(
+        (n, s)
+        for n, s in REG.patterns["direct"].slots.items()
+        if set(s.required_interfaces) <= set(planned.implements)
+    )
+    config = {"connection": planned.default_connection}
+    data = {
+        "namespaces": [
+            {
+                "name": "a",
+                "pattern": "direct",
+                "slots": {slot[0]: {"backend": planned.name, "config": config}},
+            }
+        ]
+    }
+    warned = validate_config_data(data, "x", REG)
+    assert warned.ok
+    assert [(d.rule_id, d.severity) for d in warned.diagnostics] == [("BACKEND_PLANNED", "warning")]
+    data["namespaces"][0]["slots"][slot[0]]["address"] = "127.0.0.1:7001"  # type: ignore[index]
+    assert validate_config_data(data, "x", REG).diagnostics == []
