@@ -1,4 +1,5 @@
-"""PostgresPlugin: KeyValue on PostgreSQL through psycopg 3 (async) and psycopg_pool."""
+"""PostgresPlugin: KeyValue and Document on PostgreSQL through psycopg 3 (async) and
+psycopg_pool."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from plugins.postgres.db import Conn, Database
+from plugins.postgres.document import PostgresDocuments
 from plugins.postgres.keyvalue import TX_ISOLATION, PostgresKeyValue
 from plugins.runtime.base import BackendPlugin
 from plugins.runtime.context import CallContext
@@ -44,7 +46,7 @@ def _number(config: Mapping[str, Any], name: str) -> float:
 
 
 class PostgresPlugin(BackendPlugin):
-    """All six KeyValue interfaces on one PostgreSQL database, partitioned by namespace."""
+    """KeyValue and Document interfaces on one PostgreSQL database, partitioned by namespace."""
 
     name: ClassVar[str] = "postgres"
 
@@ -72,6 +74,7 @@ class PostgresPlugin(BackendPlugin):
         if not 0 < max_transactions < max_size:
             raise InvalidArgument("max_transactions", "must be between 1 and pool_max_size - 1")
         self.keyvalue = PostgresKeyValue(self.db, max_transactions=max_transactions)
+        self.documents = PostgresDocuments(self.db)
         self._sweeper: asyncio.Task[None] | None = None
 
     def implementations(self) -> Mapping[str, object]:
@@ -82,6 +85,10 @@ class PostgresPlugin(BackendPlugin):
             "keyvalue_scan": self.keyvalue,
             "keyvalue_ttl": self.keyvalue,
             "keyvalue_transactional": self.keyvalue,
+            "document_basic": self.documents,
+            "document_query": self.documents,
+            "document_indexing": self.documents,
+            "document_search": self.documents,
         }
 
     async def start(self) -> None:
