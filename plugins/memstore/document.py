@@ -385,49 +385,26 @@ class MemstoreDocuments:
             [[f.name, f.weight] for f in fields],
             request.filter,
         )
-        position = validation.decode_page_token(request.page_token, "document.search", scope)
-        if position is not None and not (
-            isinstance(position, list)
-            and len(position) == 2
-            and isinstance(position[0], int | float)
-            and isinstance(position[1], str)
-        ):
-            raise InvalidArgument("page_token", "malformed page token")
-
-        candidates = [
-            (i, d, textsearch.document_words(d.body, fields)) for i, d in self._matching(coll, node)
-        ]
-        averages = [
-            sum(words[k].length for _, _, words in candidates) / len(candidates)
-            if candidates
-            else 0.0
-            for k in range(len(fields))
-        ]
-        query_words = textsearch.normalized(request.query)
-        scored: list[tuple[float, str, _Doc]] = []
-        for doc_id, doc, words in candidates:
-            s = textsearch.score(words, terms, query_words, averages)
-            if s is not None and (
-                position is None or s < position[0] or (s == position[0] and doc_id > position[1])
-            ):
-                scored.append((s, doc_id, doc))
-        scored.sort(key=lambda hit: (-hit[0], hit[1]))
-        page = scored[:size]
+        after = textsearch.search_position(
+            validation.decode_page_token(request.page_token, "document.search", scope)
+        )
+        candidates = list(self._matching(coll, node))
+        ranked = textsearch.rank(
+            [(i, d.body) for i, d in candidates], fields, terms, request.query, after
+        )
+        page = ranked[:size]
         token = ""
-        if len(scored) > size:
+        if len(ranked) > size:
+            last_score, last = page[-1]
             token = validation.encode_page_token(
-                "document.search", scope, [page[-1][0], page[-1][1]]
+                "document.search", scope, [last_score, candidates[last][0]]
             )
         hits = []
-        for s, doc_id, doc in page:
-            hit = search.SearchHit(document=doc.proto(doc_id), score=s)
+        for score, index in page:
+            doc_id, doc = candidates[index]
+            hit = search.SearchHit(document=doc.proto(doc_id), score=score)
             if tags is not None:
-                for f in fields:
-                    text = textsearch.highlight_text(doc.body, f.path, terms)
-                    if text is not None:
-                        hit.highlights.add(
-                            field=f.name,
-                            snippet=textsearch.snippet(text, terms, tags[0], tags[1], tags[2]),
-                        )
+                for name, text in textsearch.highlights(doc.body, fields, terms, tags):
+                    hit.highlights.add(field=name, snippet=text)
             hits.append(hit)
         return search.SearchResponse(hits=hits, next_page_token=token)
