@@ -46,6 +46,9 @@ class Target:
 #: requested namespace ("" when the client sent none) → Target; raises PrismError to refuse.
 Resolver = Callable[[str], Target]
 
+#: ErrorInfo labels when the resolver itself refused (its error carries its own metadata)
+_NO_LABELS: Mapping[str, str] = {}
+
 
 def message_classes(
     method: _descriptor.MethodDescriptor,
@@ -92,10 +95,9 @@ def _unary_handler(
     method: _descriptor.MethodDescriptor, resolve: Resolver
 ) -> grpc.RpcMethodHandler[Any, Any]:
     name = method_name(method.name)
-    fallback: Mapping[str, str] = {}
 
     async def handle(request: _message.Message, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        request_id, labels = "", fallback
+        request_id, labels = "", _NO_LABELS
         try:
             ctx, target = _prepare(context, resolve)
             request_id, labels = ctx.request_id, target.labels
@@ -114,12 +116,11 @@ def _stream_handler(
     method: _descriptor.MethodDescriptor, resolve: Resolver
 ) -> grpc.RpcMethodHandler[Any, Any]:
     name = method_name(method.name)
-    fallback: Mapping[str, str] = {}
 
     async def handle(
         request: _message.Message, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
-        request_id, labels = "", fallback
+        request_id, labels = "", _NO_LABELS
         try:
             ctx, target = _prepare(context, resolve)
             request_id, labels = ctx.request_id, target.labels
