@@ -62,6 +62,11 @@ class ConfigError(Exception):
         self.diagnostics = diagnostics
 
 
+class RegistryError(ConfigError):
+    """registry/ itself has problems (`prismctl registry validate` shows them); exit 3 like
+    prismctl, since no config can be checked against it."""
+
+
 class StartupError(Exception):
     """A slot could not be bound or the address cannot be listened on."""
 
@@ -132,7 +137,7 @@ async def create_server(options: ServerOptions) -> PrismServer:
     registry = options.registry or load_registry()
     result = check_config(options, registry)
     if has_errors(registry.diagnostics):
-        raise ConfigError([d for d in registry.diagnostics if d.severity == "error"])
+        raise RegistryError([d for d in registry.diagnostics if d.severity == "error"])
     if not result.ok:
         raise ConfigError([d for d in result.diagnostics if d.severity == "error"])
     options.data_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """`prism-server [--config FILE] [--listen HOST:PORT] [--data-dir DIR]` (env PRISM_CONFIG,
 PRISM_LISTEN, PRISM_DATA_DIR). Exit codes: 0 clean shutdown, 1 config findings, 2 usage,
-3 cannot start (bind failure, unreachable backend or sidecar)."""
+3 cannot start (invalid registry, bind failure, unreachable backend or sidecar)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from plugins.runtime.serving import configure_logging, install_uvloop, on_shutdown_signals
-from server.app import DEFAULT_LISTEN, ConfigError, ServerOptions, StartupError, create_server
+from server.app import (
+    DEFAULT_LISTEN,
+    ConfigError,
+    RegistryError,
+    ServerOptions,
+    StartupError,
+    create_server,
+)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -68,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for d in exc.diagnostics:
             fix = f" (fix: {d.fix})" if d.fix else ""
             print(f"{d.location}: {d.message} [{d.rule_id}]{fix}", file=sys.stderr)
-        return 1
+        return 3 if isinstance(exc, RegistryError) else 1
     except StartupError as exc:
         print(f"prism-server: {exc}", file=sys.stderr)
         return 3

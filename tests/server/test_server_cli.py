@@ -176,3 +176,11 @@ def test_port_in_use_is_one_line_exit_3(tmp_path: Path) -> None:
     assert done.stderr.strip() == (
         f"prism-server: cannot listen on {where}: Failed to bind to address {where}"
     )
+
+
+def test_invalid_registry_exits_3_with_its_findings(tmp_path: Path) -> None:
+    reg = registry_with_testkv(tmp_path)
+    (reg / "backends" / "broken.yaml").write_text("backend: [not, a, name]\n", encoding="utf-8")
+    done = run_server("--data-dir", str(tmp_path / "d"), env=subprocess_env(reg))
+    assert done.returncode == 3
+    assert "broken.yaml:1:" in done.stderr and "Traceback" not in done.stderr
