@@ -22,7 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from plugins.redis import queue_scripts, scripts
+from plugins.redis import queue_scripts, scripts, stream_scripts
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import ResourceExhausted, Unavailable
 
@@ -42,6 +42,8 @@ class Settings:
     #: upper bound of one call when the client sets no deadline
     call_timeout: float = 10.0
     health_timeout: float = 1.0
+    #: connections for long-lived work: pub/sub subscriptions, stream followers and consumers
+    max_dedicated: int = 1000
 
 
 class Scripts:
@@ -54,6 +56,9 @@ class Scripts:
 
         def register_queue(body: str) -> AsyncScript:
             return register(body, queue_scripts.PRELUDE)
+
+        def register_stream(body: str) -> AsyncScript:
+            return register(body, stream_scripts.PRELUDE)
 
         self.set = register(scripts.SET)
         self.delete = register(scripts.DELETE)
@@ -74,6 +79,17 @@ class Scripts:
         self.q_release = register_queue(queue_scripts.RELEASE)
         self.q_redrive = register_queue(queue_scripts.REDRIVE)
         self.q_scheduled = register_queue(queue_scripts.SCHEDULED)
+        self.s_append = register_stream(stream_scripts.APPEND)
+        self.s_range = register_stream(stream_scripts.RANGE)
+        self.s_offsets = register_stream(stream_scripts.OFFSETS)
+        self.s_offset_for_time = register_stream(stream_scripts.OFFSET_FOR_TIME)
+        self.s_trim = register_stream(stream_scripts.TRIM)
+        self.s_set_retention = register_stream(stream_scripts.SET_RETENTION)
+        self.s_create_group = register_stream(stream_scripts.CREATE_GROUP)
+        self.s_claim_consumer = register_stream(stream_scripts.CLAIM_CONSUMER)
+        self.s_leave = register_stream(stream_scripts.LEAVE)
+        self.s_ack = register_stream(stream_scripts.ACK)
+        self.s_group_state = register_stream(stream_scripts.GROUP_STATE)
 
 
 class RedisConnection:
@@ -91,14 +107,28 @@ class RedisConnection:
         )
         self.client = aioredis.Redis(connection_pool=self.pool)
         self.scripts = Scripts(self.client)
-
-    async def run(self, ctx: CallContext | None, op: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
-        """Run `op` within the call's remaining deadline (or `call_timeout`), turning the
-        driver's connection failures into Unavailable."""
-        limit = (
-            self.settings.call_timeout if ctx is None else ctx.timeout(self.settings.call_timeout)
+        # A separate, non-blocking bounded pool for subscriptions and blocking reads (XREAD
+        # BLOCK), so they never starve the request pool; past its size: ResourceExhausted.
+        self.dedicated_pool = aioredis.ConnectionPool.from_url(
+            settings.url,
+            max_connections=settings.max_dedicated,
+            socket_connect_timeout=settings.connect_timeout,
+            socket_timeout=settings.socket_timeout,
+            retry=Retry(NoBackoff(), 0),
         )
-        return await self._guarded(op(self.client), limit)
+        self.dedicated = aioredis.Redis(connection_pool=self.dedicated_pool)
+
+    async def run(
+        self,
+        ctx: CallContext,
+        op: Callable[[aioredis.Redis], Awaitable[T]],
+        *,
+        dedicated: bool = False,
+    ) -> T:
+        """Run `op` (on the dedicated client when asked) within the call's remaining deadline
+        (capped by `call_timeout`), turning the driver's connection failures into Unavailable."""
+        limit = ctx.timeout(self.settings.call_timeout)
+        return await self._guarded(op(self.dedicated if dedicated else self.client), limit)
 
     async def eval(
         self,
@@ -122,8 +152,9 @@ class RedisConnection:
         return str(info.get("redis_version", "unknown"))
 
     async def close(self) -> None:
-        await self.client.aclose()
-        await self.pool.disconnect()
+        for client, pool in ((self.client, self.pool), (self.dedicated, self.dedicated_pool)):
+            await client.aclose()
+            await pool.disconnect()
 
     async def _guarded(self, awaitable: Awaitable[T], limit: float) -> T:
         where = self.pool.connection_kwargs.get("host", "redis")

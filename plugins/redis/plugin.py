@@ -10,6 +10,7 @@ from plugins.redis.connection import RedisConnection, Settings
 from plugins.redis.keyvalue import ISOLATION, RedisKeyValue
 from plugins.redis.pubsub import RedisPubSub
 from plugins.redis.queue import RedisQueue
+from plugins.redis.stream import RedisStream
 from plugins.runtime.base import BackendPlugin
 from plugins.runtime.errors import InvalidArgument
 
@@ -31,7 +32,7 @@ QUEUE_INTERFACES = (
     "queue_priority",
 )
 PUBSUB_INTERFACES = ("pubsub_basic", "pubsub_wildcards")
-DEFAULT_MAX_SUBSCRIPTIONS = 1000
+STREAM_INTERFACES = ("stream_basic", "stream_consumer_groups", "stream_replay", "stream_retention")
 
 
 def _positive(config: Mapping[str, Any], name: str, default: float) -> float:
@@ -53,6 +54,7 @@ def settings_from(config: Mapping[str, Any]) -> Settings:
         pool_timeout=_positive(config, "pool_timeout_seconds", defaults.pool_timeout),
         connect_timeout=_positive(config, "connect_timeout_seconds", defaults.connect_timeout),
         socket_timeout=_positive(config, "socket_timeout_seconds", defaults.socket_timeout),
+        max_dedicated=int(_positive(config, "max_subscriptions", defaults.max_dedicated)),
     )
 
 
@@ -62,7 +64,8 @@ class RedisPlugin(BackendPlugin):
     Config: `connection` (redis://host:port/db), `key_prefix` (default "prism:"), `ttl_seconds`
     (expiry of keys written without their own TTL: a cache slot), `pool_max_size`,
     `pool_timeout_seconds`, `connect_timeout_seconds`, `socket_timeout_seconds`,
-    `max_subscriptions` (live pub/sub subscriptions, one connection each).
+    `max_subscriptions` (live subscriptions, stream followers and group consumers: one
+    connection each).
     """
 
     name: ClassVar[str] = "redis"
@@ -76,11 +79,8 @@ class RedisPlugin(BackendPlugin):
         self.conn = RedisConnection(self.settings)
         self.keyvalue = RedisKeyValue(self.conn, self.key_prefix.encode("utf-8"), self.default_ttl)
         self.queue = RedisQueue(self.conn, self.key_prefix.encode("utf-8"))
-        self.pubsub = RedisPubSub(
-            self.conn,
-            self.key_prefix.encode("utf-8"),
-            int(_positive(config, "max_subscriptions", DEFAULT_MAX_SUBSCRIPTIONS)),
-        )
+        self.pubsub = RedisPubSub(self.conn, self.key_prefix.encode("utf-8"))
+        self.stream = RedisStream(self.conn, self.key_prefix.encode("utf-8"))
         self._version = "unknown"
 
     def implementations(self) -> Mapping[str, object]:

@@ -1,7 +1,7 @@
 """PubSub basic and wildcards on Redis PUBLISH / SUBSCRIBE / PSUBSCRIBE.
 
-Each subscription owns one connection from a separate (non-blocking, bounded) pool, so
-subscribers never starve the KeyValue/Queue pool. A message is the serialized `Message` proto,
+Each subscription owns one connection of the dedicated pool (RedisConnection.dedicated), so
+subscribers never starve the request pool. A message is the serialized `Message` proto,
 published on the channel `<key prefix><namespace segment>ps:<topic>`. Topic tokens are
 [A-Za-z0-9_-] only, so the only glob metacharacters a pattern subscription can meet are in the
 key prefix and namespace, which are escaped; NATS `*` and a final `>` both become the glob `*`,
@@ -25,7 +25,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError
 from prism.interfaces.pubsub.v1 import pubsub_basic_pb2 as basic_pb
 from prism.interfaces.pubsub.v1 import pubsub_wildcards_pb2 as wildcards_pb
@@ -72,17 +71,9 @@ class _Subscription:
 class RedisPubSub:
     """pubsub_basic and pubsub_wildcards."""
 
-    def __init__(self, conn: RedisConnection, key_prefix: bytes, max_subscriptions: int) -> None:
+    def __init__(self, conn: RedisConnection, key_prefix: bytes) -> None:
         self.conn = conn
         self.key_prefix = key_prefix
-        settings = conn.settings
-        self.pool = aioredis.ConnectionPool.from_url(
-            settings.url,
-            max_connections=max_subscriptions,
-            socket_connect_timeout=settings.connect_timeout,
-            socket_timeout=settings.socket_timeout,
-        )
-        self.client = aioredis.Redis(connection_pool=self.pool)
         self.subscriptions: dict[str, _Subscription] = {}
 
     def _channel_prefix(self, ctx: CallContext) -> bytes:
@@ -91,8 +82,6 @@ class RedisPubSub:
     async def close(self) -> None:
         for sub in self.subscriptions.values():
             sub.end(Unavailable("the redis plugin is shutting down"))
-        await self.client.aclose()
-        await self.pool.disconnect()
 
     async def publish(
         self, request: basic_pb.PublishRequest, ctx: CallContext
@@ -153,7 +142,7 @@ class RedisPubSub:
     ) -> AsyncIterator[Event]:
         """Subscribe (PSUBSCRIBE when `matches` is given), send `started` once Redis confirmed,
         then relay messages until Unsubscribe, cancellation or a failure."""
-        pubsub = self.client.pubsub()
+        pubsub = self.conn.dedicated.pubsub()
         sub = _Subscription(ctx.namespace)
         subscription_id = secrets.token_urlsafe(16)
         reader: asyncio.Task[None] | None = None
