@@ -77,8 +77,8 @@ async def running_server(
             health_interval=health_interval,
         )
     )
-    await server.start()
     try:
+        await server.start()
         yield server
     finally:
         await server.stop(grace=0.5)
