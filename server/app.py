@@ -153,22 +153,16 @@ async def _assemble(
     options: ServerOptions, registry: Registry, result: ConfigResult, binder: Binder
 ) -> PrismServer:
     router = Router(ns.name for ns in result.namespaces)
-    closers = binder.closers
     health = HealthMonitor(options.health_interval)
     checks: dict[Check, set[str]] = {}
     for ns in result.namespaces:
         slots: dict[str, SlotBinding] = {}
         try:
             for slot in ns.slots.values():
-                slots[slot.name] = await binder.bind(
-                    ns.name,
-                    slot.name,
-                    {"backend": slot.backend, "config": slot.config, "address": slot.address},
-                    slot.interfaces,
-                )
+                slots[slot.name] = await binder.bind(ns.name, slot)
             pattern = registry.patterns[ns.pattern]
             bound = BoundNamespace(ns.name, pattern, slots)
-            closers.append(bound.on_close)
+            binder.closers.append(bound.on_close)
             exposed = await executor_for(pattern)(bound)
             for item in exposed:
                 router.add(ns.name, item)
@@ -180,7 +174,8 @@ async def _assemble(
                 f"namespace '{ns.name}' (pattern {ns.pattern}): {type(exc).__name__}: {exc}"
             ) from None
         for item in exposed:
-            for slot_name in item.slots:
+            # a service naming no slots depends on all of its namespace's slots
+            for slot_name in item.slots or tuple(slots):
                 checks.setdefault(slots[slot_name].check, set()).add(item.service.full_name)
     for check, services in checks.items():
         health.watch(sorted(services), check)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from plugins.runtime.grpc_adapter import ContractProxy
 from plugins.runtime.interfaces import catalog
 from plugins.runtime.loader import load_plugin
 from plugins.runtime.serving import MESSAGE_SIZE_OPTIONS, Check
+from prismctl.config import SlotConfig
 from prismctl.registry import Registry
 
 #: keep reconnect attempts to a lost sidecar about a second apart (grpc's default backoff grows
@@ -63,24 +64,26 @@ class Binder:
     describe_timeout: float = DESCRIBE_TIMEOUT
     plugins: dict[str, BackendPlugin] = field(default_factory=dict)
     channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
+    sidecar_checks: dict[str, Check] = field(default_factory=dict)
     #: per namespace, the cleanups its pattern executor registered (run before plugins close)
     closers: list[list[Callable[[], Awaitable[object]]]] = field(default_factory=list)
 
-    async def bind(
-        self, namespace: str, slot: str, slot_config: Mapping[str, Any], needed: list[str]
-    ) -> SlotBinding:
-        """Bind one slot, requiring it to serve every interface in `needed`."""
-        backend = str(slot_config["backend"])
-        where = f"namespace '{namespace}' slot '{slot}' ({backend})"
-        if slot_config.get("address"):
-            return await self._bind_sidecar(namespace, slot, backend, slot_config, needed, where)
-        plugin = await self._plugin(backend, dict(slot_config.get("config") or {}), where)
+    async def bind(self, namespace: str, slot: SlotConfig) -> SlotBinding:
+        """Bind one validated slot, requiring every interface it lists (`slot.interfaces`)."""
+        where = f"namespace '{namespace}' slot '{slot.name}' ({slot.backend})"
+        if slot.address:
+            return await self._bind_sidecar(namespace, slot, slot.address, where)
+        plugin = await self._plugin(slot.backend, slot.config, where)
         impls = plugin.implementations()
-        missing = [iid for iid in needed if iid not in impls]
+        missing = [iid for iid in slot.interfaces if iid not in impls]
         if missing:
             raise BindError(f"{where}: backend does not implement {', '.join(missing)}")
         return SlotBinding(
-            namespace, slot, backend, {iid: impls[iid] for iid in needed}, plugin.check_health
+            namespace,
+            slot.name,
+            slot.backend,
+            {iid: impls[iid] for iid in slot.interfaces},
+            plugin.check_health,
         )
 
     async def _plugin(self, backend: str, config: dict[str, Any], where: str) -> BackendPlugin:
@@ -96,19 +99,13 @@ class Binder:
         return plugin
 
     async def _bind_sidecar(
-        self,
-        namespace: str,
-        slot: str,
-        backend: str,
-        slot_config: Mapping[str, Any],
-        needed: list[str],
-        where: str,
+        self, namespace: str, slot: SlotConfig, address: str, where: str
     ) -> SlotBinding:
-        address = str(slot_config["address"])
         channel = self.channels.get(address)
         if channel is None:
             channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
             self.channels[address] = channel
+            self.sidecar_checks[address] = sidecar_health_check(channel)
         try:
             described = await plugin_pb2_grpc.PluginServiceStub(channel).Describe(
                 plugin_pb2.DescribeRequest(), timeout=self.describe_timeout, wait_for_ready=True
@@ -118,15 +115,20 @@ class Binder:
                 f"{where}: sidecar at {address} did not answer Describe: "
                 f"{exc.code().name} {exc.details()}"
             ) from None
-        verify_sidecar(described, backend, address, needed, where)
+        verify_sidecar(described, slot.backend, address, slot.interfaces, where)
         known = catalog()
-        labels = {"backend": backend, "namespace": namespace, "slot": slot, "address": address}
-        impls: dict[str, object] = {
-            iid: ContractProxy(known[iid], channel, {**labels, "interface": iid}) for iid in needed
+        labels = {
+            "backend": slot.backend,
+            "namespace": namespace,
+            "slot": slot.name,
+            "address": address,
         }
-        return SlotBinding(
-            namespace, slot, backend, impls, sidecar_health_check(channel), address=address
-        )
+        impls: dict[str, object] = {
+            iid: ContractProxy(known[iid], channel, {**labels, "interface": iid})
+            for iid in slot.interfaces
+        }
+        check = self.sidecar_checks[address]  # one probe per sidecar, however many slots
+        return SlotBinding(namespace, slot.name, slot.backend, impls, check, address=address)
 
     async def close(self) -> None:
         for namespace_closers in self.closers:
@@ -141,6 +143,7 @@ class Binder:
         self.closers.clear()
         self.plugins.clear()
         self.channels.clear()
+        self.sidecar_checks.clear()
 
 
 def verify_sidecar(
