@@ -1,4 +1,4 @@
-"""PostgresPlugin: KeyValue and Document on PostgreSQL through psycopg 3 (async) and
+"""PostgresPlugin: KeyValue, Document and Queue on PostgreSQL through psycopg 3 (async) and
 psycopg_pool."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 from plugins.postgres.db import Conn, Database
 from plugins.postgres.document import PostgresDocuments
 from plugins.postgres.keyvalue import TX_ISOLATION, PostgresKeyValue
+from plugins.postgres.queue import PostgresQueue
 from plugins.runtime.base import BackendPlugin
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import InvalidArgument, PrismError
@@ -46,7 +47,8 @@ def _number(config: Mapping[str, Any], name: str) -> float:
 
 
 class PostgresPlugin(BackendPlugin):
-    """KeyValue and Document interfaces on one PostgreSQL database, partitioned by namespace."""
+    """KeyValue, Document and Queue interfaces on one PostgreSQL database, partitioned by
+    namespace."""
 
     name: ClassVar[str] = "postgres"
 
@@ -75,6 +77,7 @@ class PostgresPlugin(BackendPlugin):
             raise InvalidArgument("max_transactions", "must be between 1 and pool_max_size - 1")
         self.keyvalue = PostgresKeyValue(self.db, max_transactions=max_transactions)
         self.documents = PostgresDocuments(self.db)
+        self.queue = PostgresQueue(self.db)
         self._sweeper: asyncio.Task[None] | None = None
 
     def implementations(self) -> Mapping[str, object]:
@@ -89,6 +92,11 @@ class PostgresPlugin(BackendPlugin):
             "document_query": self.documents,
             "document_indexing": self.documents,
             "document_search": self.documents,
+            "queue_basic": self.queue,
+            "queue_visibility": self.queue,
+            "queue_dead_letter": self.queue,
+            "queue_delayed": self.queue,
+            "queue_priority": self.queue,
         }
 
     async def start(self) -> None:

@@ -57,6 +57,38 @@ MIGRATIONS: list[tuple[LiteralString, ...]] = [
             PRIMARY KEY (ns, collection, name)
         )""",
     ),
+    # 3: queue messages (one row each; `visible_at` is both a delayed message's due time and
+    # the end of a lease) and dead-letter configurations
+    (
+        "CREATE SEQUENCE prism_queue_position AS bigint",
+        """CREATE TABLE prism_queue_messages (
+            ns text COLLATE "C" NOT NULL,
+            message_id text COLLATE "C" NOT NULL,
+            queue text COLLATE "C" NOT NULL,
+            payload bytea NOT NULL,
+            attributes jsonb NOT NULL,
+            priority integer NOT NULL,
+            enqueue_time timestamptz NOT NULL,
+            visible_at timestamptz NOT NULL,
+            position bigint NOT NULL,
+            delivery_count integer NOT NULL DEFAULT 0,
+            receipt text COLLATE "C",
+            source_queue text COLLATE "C",
+            PRIMARY KEY (ns, message_id)
+        )""",
+        "CREATE INDEX prism_queue_order ON prism_queue_messages "
+        "(ns, queue, priority DESC, position)",
+        "CREATE INDEX prism_queue_visible ON prism_queue_messages (ns, queue, visible_at)",
+        "CREATE UNIQUE INDEX prism_queue_receipt ON prism_queue_messages (receipt) "
+        "WHERE receipt IS NOT NULL",
+        """CREATE TABLE prism_queue_dead_letter (
+            ns text COLLATE "C" NOT NULL,
+            queue text COLLATE "C" NOT NULL,
+            dead_letter_queue text COLLATE "C" NOT NULL,
+            max_deliveries integer NOT NULL,
+            PRIMARY KEY (ns, queue)
+        )""",
+    ),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
