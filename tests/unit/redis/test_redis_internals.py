@@ -1,6 +1,7 @@
 """Redis plugin internals the black-box conformance suite cannot see: the keyspace layout
 (namespace segments never collide), the key index forgetting expired keys, the blocking pool,
-Lua scripts surviving a flushed script cache, the slot's default TTL, and fail-fast start."""
+Lua scripts surviving a flushed script cache, the slot's default TTL, fail-fast start, and
+pattern subscriptions confined to their namespace."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ from google.protobuf.duration_pb2 import Duration
 from prism.interfaces.keyvalue.v1 import keyvalue_basic_pb2 as basic
 from prism.interfaces.keyvalue.v1 import keyvalue_scan_pb2 as scan
 from prism.interfaces.keyvalue.v1 import keyvalue_ttl_pb2 as ttl
+from prism.interfaces.pubsub.v1 import pubsub_basic_pb2 as pubsub
+from prism.interfaces.pubsub.v1 import pubsub_wildcards_pb2 as wildcards
 
 from plugins.redis import RedisPlugin
 from plugins.redis.keys import Keyspace, lex_range
+from plugins.redis.pubsub import channel_glob, glob_escape
 from plugins.runtime import validation
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import InvalidArgument, Unavailable
@@ -166,3 +170,25 @@ def test_bad_connection_url_names_the_field(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument) as err:
         RedisPlugin({"connection": "http://localhost"}, data_dir=tmp_path)
     assert err.value.field == "connection"
+
+
+def test_glob_escape_makes_every_metacharacter_literal() -> None:
+    assert glob_escape(b"p:3:a*[?]^\\:") == b"p:3:a\\*\\[\\?\\]\\^\\\\:"
+    assert channel_glob(b"x*:", ["orders", "*", ">"]) == b"x\\*:orders.*.*"
+
+
+async def test_pattern_subscriptions_stay_in_their_namespace(plugin: RedisPlugin) -> None:
+    """A namespace full of glob metacharacters must not see a neighbour's messages, and a
+    glob `*` that crosses dots must not widen a NATS `*`."""
+    globby, other = CallContext(namespace="a*"), CallContext(namespace="ab")
+    stream = plugin.pubsub.subscribe_pattern(
+        wildcards.SubscribePatternRequest(pattern="orders.*"), globby
+    )
+    assert (await anext(stream)).HasField("started")
+    for ctx, topic in ((other, "orders.eu"), (globby, "orders.eu.late"), (globby, "orders.us")):
+        await plugin.pubsub.publish(pubsub.PublishRequest(topic=topic, payload=b"x"), ctx)
+    event = await asyncio.wait_for(anext(stream), 5)
+    assert event.message.topic == "orders.us"
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(anext(stream), 0.3)
+    await stream.aclose()  # type: ignore[attr-defined]
