@@ -94,11 +94,16 @@ async def crud_round_trip(t: Target) -> None:
     equal(body(await read(t, coll, "doc-1")), changed, "body read after Update")
     deleted: pb.DeleteResponse = await stub(t).Delete(pb.DeleteRequest(collection=coll, id="doc-1"))
     equal(deleted.deleted, True, "Delete of a present document: deleted")
-    await expect_error(
+    info = await expect_error(
         stub(t).Get(pb.GetRequest(collection=coll, id="doc-1")),
         NOT_FOUND,
         "Get after Delete",
         reason="DOCUMENT_NOT_FOUND",
+    )
+    equal(
+        (info.metadata.get("collection"), info.metadata.get("id")),
+        (coll, "doc-1"),
+        "ErrorInfo metadata (collection, id)",
     )
     again: pb.DeleteResponse = await stub(t).Delete(pb.DeleteRequest(collection=coll, id="doc-1"))
     equal(again.deleted, False, "Delete of a missing document: deleted")
