@@ -11,7 +11,15 @@ from typing import Any
 
 from prismctl.diagnostics import Diagnostic, Location, has_errors, render_text
 from prismctl.registry import BackendSpec, PatternSpec, Registry, SlotSpec
-from prismctl.source import IOProblem, PathKey, Source, load_yaml, parse_yaml, schema_errors
+from prismctl.source import (
+    IOProblem,
+    PathKey,
+    Source,
+    json_type_name,
+    load_yaml,
+    parse_yaml,
+    schema_errors,
+)
 
 __all__ = [
     "CONFIG_RULES",
@@ -144,7 +152,7 @@ def _validate(src: Source, registry: Registry) -> ConfigResult:
                 src.at(()),
                 "SCHEMA",
                 f"expected a mapping with a 'namespaces' list at the top level, got "
-                f"{_kind(src.data)}",
+                f"{json_type_name(src.data)}",
                 "start the file with 'namespaces:'",
             )
         )
@@ -160,14 +168,6 @@ def _validate(src: Source, registry: Registry) -> ConfigResult:
     result.diagnostics.extend(duplicate_namespaces([result]))
     result.diagnostics.sort(key=lambda d: (d.line, d.col))
     return result
-
-
-def _kind(value: object) -> str:
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, str):
-        return "a string"
-    return type(value).__name__
 
 
 def _check_namespace(

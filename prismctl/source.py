@@ -270,7 +270,7 @@ def _schema_finding(src: Source, err: ValidationError, path: PathKey, rule_id: s
     if err.validator == "required":
         return Diagnostic.at(src.at(path), rule_id, f"{where}: {err.message}", "add the key")
     if err.validator == "type":
-        got = _type_name(err.instance)
+        got = json_type_name(err.instance)
         want = err.validator_value
         want_s = " or ".join(want) if isinstance(want, list) else str(want)
         return Diagnostic.at(
@@ -283,7 +283,8 @@ def _a(noun: str) -> str:
     return f"an {noun}" if noun[:1] in "aeiou" else f"a {noun}"
 
 
-def _type_name(value: Any) -> str:
+def json_type_name(value: Any) -> str:
+    """The JSON Schema name of a value's type, for messages."""
     if value is None:
         return "null"
     if isinstance(value, bool):
