@@ -33,7 +33,6 @@ class Case:
     fn: CaseFn
     # Other interfaces the case needs besides `interface` (e.g. keyvalue_basic to read back).
     requires: tuple[str, ...] = ()
-    doc: str = ""
 
     @property
     def id(self) -> str:
@@ -47,7 +46,7 @@ def case(interface: str, *, requires: Iterable[str] = ()) -> Callable[[F], F]:
     """Register a case for `interface`; its name is the function name."""
 
     def register(fn: F) -> F:
-        c = Case(interface, fn.__name__, fn, tuple(requires), (fn.__doc__ or "").strip())
+        c = Case(interface, fn.__name__, fn, tuple(requires))
         if c.id in _CASES:
             raise ValueError(f"duplicate conformance case {c.id}")
         _CASES[c.id] = c

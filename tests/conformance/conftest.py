@@ -118,17 +118,18 @@ async def deployments(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Group conformance tests by backend × mode (stable otherwise), so each pair's server
-    starts once."""
+    """Group the conformance checks by backend × mode, so each pair's server starts once; the
+    checks keep the slots they had, so no other test moves."""
 
-    def pair(item: pytest.Item) -> tuple[int, str, str]:
+    def pair(item: pytest.Item) -> tuple[str, str] | None:
         callspec = getattr(item, "callspec", None)
         check = callspec.params.get("check") if callspec is not None else None
-        if isinstance(check, tuple):
-            return (1, check[0], check[1])
-        return (0, "", "")
+        return (check[0], check[1]) if isinstance(check, tuple) else None
 
-    items.sort(key=pair)
+    slots = [n for n, item in enumerate(items) if pair(item) is not None]
+    ordered = sorted((items[n] for n in slots), key=lambda item: pair(item) or ("", ""))
+    for n, item in zip(slots, ordered, strict=True):
+        items[n] = item
 
 
 # (backend, mode, interface) → outcome counts, for the terminal summary.
