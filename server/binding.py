@@ -177,7 +177,7 @@ def sidecar_health_check(channel: grpc.aio.Channel) -> Check:
 
     async def check() -> bool:
         try:
-            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=0.9)
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.5)
         except grpc.aio.AioRpcError:
             return False
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)

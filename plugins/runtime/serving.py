@@ -50,6 +50,9 @@ class HealthMonitor:
     def __init__(self, interval: float = 1.0) -> None:
         self.servicer = health_aio.HealthServicer()
         self.interval = interval
+        #: a check slower than this counts as failed; not tied to a short test interval, so a
+        #: loaded machine does not flap statuses
+        self.probe_timeout = max(interval, 2.0)
         self._watches: list[_Watch] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -73,7 +76,7 @@ class HealthMonitor:
 
     async def _probe(self, check: Check) -> bool:
         try:
-            async with asyncio.timeout(self.interval):
+            async with asyncio.timeout(self.probe_timeout):
                 return await check()
         except Exception as exc:
             log.debug("health check failed: %r", exc)

@@ -147,7 +147,7 @@ async def test_sidecar_loss_and_recovery_without_restart(
             reply = await health.Check(health_pb2.HealthCheckRequest(service=KV_BASIC))
             return int(reply.status)
 
-        assert await status() == SERVING
+        await eventually(lambda: _equals(status(), SERVING), timeout=5)
         await stub.Set(kv.SetRequest(key="k", value=b"v"))
 
         port = sidecar.port
