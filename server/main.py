@@ -24,6 +24,7 @@ from server.app import (
     ServerOptions,
     StartupError,
     create_server,
+    embedded_default,
 )
 
 
@@ -54,7 +55,10 @@ async def serve(args: argparse.Namespace) -> int:
     options = ServerOptions(listen=args.listen, config=args.config, data_dir=args.data_dir)
     server = await create_server(options)
     await server.start()
-    source = args.config or "embedded default (namespace 'default', pattern direct, sqlite)"
+    embedded = ", ".join(
+        f"{ns['name']} ({ns['pattern']})" for ns in embedded_default()["namespaces"]
+    )
+    source = args.config or f"embedded default: {embedded} on sqlite"
     print(f"prism-server: config {source}", flush=True)
     print(f"prism-server: data in {server.data_dir.resolve()}", flush=True)
     print(f"prism-server listening on {server.address}", flush=True)
