@@ -3,6 +3,7 @@ code (3 when the file cannot be read at all, 1 when its content is wrong)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -147,3 +148,18 @@ def test_broken_registry_is_exit_3(prismctl: Run, registry_copy: Path, tmp_path:
     assert proc.returncode == 3
     assert re.search(r"sqlite\.yaml:2:1: invalid YAML: .* \[YAML_SYNTAX\]", proc.stderr)
     assert proc.stderr.rstrip().splitlines()[-1].startswith("prismctl: error: the registry")
+
+
+@pytest.mark.parametrize(("content", "code"), [(None, 3), (b"[1, 2]\n", 1), (b"x: [\n", 1)])
+def test_json_format_for_unusable_files(
+    content: bytes | None, code: int, prismctl: Run, tmp_path: Path
+) -> None:
+    target = tmp_path / "c.yaml"
+    if content is not None:
+        target.write_bytes(content)
+    proc = prismctl("validate", "--format", "json", target.name, cwd=tmp_path)
+    assert proc.returncode == code
+    doc = json.loads(proc.stdout)
+    assert doc["version"] == 1 and doc["valid"] is False
+    (finding,) = doc["diagnostics"]
+    assert finding["file"] == "c.yaml" and finding["line"] >= 1 and finding["col"] >= 1
