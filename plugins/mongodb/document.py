@@ -1,0 +1,556 @@
+"""Document basic, query, indexing and search on MongoDB.
+
+Layout: the documents of one (namespace, collection) live in their own MongoDB collection
+`<prefix>doc.n<ns>.<collection>` (the namespace encoded so that any string maps to a distinct,
+legal name), as `{_id: id, b: body, r: revision, ct, ut}` (times in ns since the epoch). Index
+definitions live in `<prefix>doc_indexes`; a VALUE index is also a real MongoDB index named like
+it on `b.<path>`, unique ones with a partialFilterExpression so that documents whose values are
+missing, null or objects are not constrained. Filters and id-ordered pages run on the server
+(docquery.py); sorts on fields, Aggregate and search scoring run here over the matching
+documents, fetched with only the fields they need, with the shared docfilter/textsearch code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from prism.interfaces.document.v1 import document_basic_pb2 as basic
+from prism.interfaces.document.v1 import document_indexing_pb2 as indexing
+from prism.interfaces.document.v1 import document_query_pb2 as query
+from prism.interfaces.document.v1 import document_search_pb2 as search
+from pymongo import ReturnDocument
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import DuplicateKeyError, OperationFailure
+
+from plugins.mongodb import docquery
+from plugins.mongodb.connection import Doc, Mongo
+from plugins.runtime import docfilter, textsearch, validation
+from plugins.runtime.context import CallContext
+from plugins.runtime.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+
+_ACCUMULATOR_OPS = {
+    query.ACCUMULATOR_OP_COUNT: "count",
+    query.ACCUMULATOR_OP_SUM: "sum",
+    query.ACCUMULATOR_OP_MIN: "min",
+    query.ACCUMULATOR_OP_MAX: "max",
+    query.ACCUMULATOR_OP_AVG: "avg",
+}
+_INDEX_KINDS = {indexing.INDEX_KIND_VALUE: "value", indexing.INDEX_KIND_TEXT: "text"}
+_INDEX_KIND_ENUMS = {v: k for k, v in _INDEX_KINDS.items()}
+_SAFE_NS = re.compile(r"[a-z0-9-]")
+_DUP_INDEX = re.compile(r"index: (\S+)")
+_INDEX_NOT_FOUND = 27
+#: a generated id colliding twice in a row means something is wrong, not bad luck
+_ID_ATTEMPTS = 3
+
+
+def encode_namespace(ns: str) -> str:
+    """`[a-z0-9-]` kept, every other character as `_` + hex of its UTF-8 bytes: injective and
+    always a legal collection-name part."""
+    return "".join(
+        ch if _SAFE_NS.fullmatch(ch) else "".join(f"_{b:02x}" for b in ch.encode("utf-8"))
+        for ch in ns
+    )
+
+
+def to_bson(body: Any, where: str = "json") -> Any:
+    """A parsed JSON body as BSON can store it: integers beyond int64 become doubles (the proto
+    allows rounding them); a NUL in a member name or a lone surrogate cannot be stored at all."""
+    if isinstance(body, dict):
+        out: dict[str, Any] = {}
+        for name, value in body.items():
+            if "\x00" in name:
+                raise InvalidArgument(where, "member names containing NUL cannot be stored")
+            out[_checked_text(name, where)] = to_bson(value, where)
+        return out
+    if isinstance(body, list):
+        return [to_bson(v, where) for v in body]
+    if isinstance(body, str):
+        return _checked_text(body, where)
+    return docquery.operand(body)
+
+
+def _checked_text(text: str, where: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(where, "strings must not contain lone surrogates") from exc
+    return text
+
+
+def to_document(doc: Doc) -> basic.Document:
+    d = basic.Document(
+        id=doc["_id"],
+        json=json.dumps(doc.get("b", {}), separators=(",", ":")),
+        revision=int(doc["r"]),
+    )
+    d.create_time.FromNanoseconds(int(doc["ct"]))
+    d.update_time.FromNanoseconds(int(doc["ut"]))
+    return d
+
+
+def _not_found(collection: str, doc_id: str) -> NotFound:
+    return NotFound(
+        f"document {doc_id!r} not found in {collection!r}",
+        reason="DOCUMENT_NOT_FOUND",
+        collection=collection,
+        id=doc_id,
+    )
+
+
+def _mismatch(collection: str, doc_id: str, current: int) -> Aborted:
+    return Aborted(
+        f"document {doc_id!r} has revision {current}",
+        reason="REVISION_MISMATCH",
+        current_revision=current,
+        collection=collection,
+        id=doc_id,
+    )
+
+
+def _duplicate_index(exc: DuplicateKeyError) -> str:
+    found = _DUP_INDEX.search(str((exc.details or {}).get("errmsg", exc)))
+    return found.group(1) if found else ""
+
+
+def _unique_violation(exc: DuplicateKeyError, collection: str, doc_id: str) -> AlreadyExists:
+    index = _duplicate_index(exc)
+    return AlreadyExists(
+        f"unique index {index!r} already holds this value",
+        reason="UNIQUE_VIOLATION",
+        index=index,
+        collection=collection,
+        id=doc_id,
+    )
+
+
+def _index_proto(spec: Doc) -> indexing.Index:
+    return indexing.Index(
+        name=spec["name"],
+        fields=[indexing.IndexField(path=p, descending=d) for p, d in spec["fields"]],
+        unique=spec["unique"],
+        kind=_INDEX_KIND_ENUMS[spec["kind"]],
+    )
+
+
+def _body(doc: Doc) -> Any:
+    return doc.get("b", {})
+
+
+class MongoDocuments:
+    """document_basic, _query, _indexing and _search."""
+
+    def __init__(self, mongo: Mongo) -> None:
+        self.mongo = mongo
+        self.indexes: AsyncCollection[Doc] = mongo.db[mongo.name("doc_indexes")]
+
+    async def prepare(self) -> None:
+        await self.indexes.create_index([("ns", 1), ("c", 1), ("name", 1)], name="prism_list")
+
+    def _coll(self, ctx: CallContext, name: str) -> AsyncCollection[Doc]:
+        validation.collection(name)
+        return self.mongo.db[self.mongo.name(f"doc.n{encode_namespace(ctx.namespace)}.{name}")]
+
+    # document_basic -----------------------------------------------------------------------
+    async def insert(self, request: basic.InsertRequest, ctx: CallContext) -> basic.InsertResponse:
+        coll = self._coll(ctx, request.collection)
+        doc_id = validation.document_id(request.id) if request.id else ""
+        body = to_bson(validation.document_json(request.json))
+        now = time.time_ns()
+        for _ in range(_ID_ATTEMPTS):
+            doc = {"_id": doc_id or secrets.token_urlsafe(16), "b": body, "r": 1, "ct": now}
+            doc["ut"] = now
+            try:
+                async with self.mongo.call(ctx):
+                    await coll.insert_one(doc)
+            except DuplicateKeyError as exc:
+                if _duplicate_index(exc) != "_id_":
+                    raise _unique_violation(exc, request.collection, doc["_id"]) from exc
+                if doc_id:
+                    raise AlreadyExists(
+                        f"document {doc_id!r} already exists",
+                        reason="DOCUMENT_EXISTS",
+                        collection=request.collection,
+                        id=doc_id,
+                    ) from exc
+                continue
+            return basic.InsertResponse(document=to_document(doc))
+        raise RuntimeError("generated document ids collided repeatedly")
+
+    async def get(self, request: basic.GetRequest, ctx: CallContext) -> basic.GetResponse:
+        coll = self._coll(ctx, request.collection)
+        doc_id = validation.document_id(request.id)
+        async with self.mongo.call(ctx):
+            doc = await coll.find_one({"_id": doc_id})
+        if doc is None:
+            raise _not_found(request.collection, doc_id)
+        return basic.GetResponse(document=to_document(doc))
+
+    async def _revision(self, coll: AsyncCollection[Doc], ctx: CallContext, doc_id: str) -> int:
+        async with self.mongo.call(ctx):
+            doc = await coll.find_one({"_id": doc_id}, {"r": 1})
+        return 0 if doc is None else int(doc["r"])
+
+    async def update(self, request: basic.UpdateRequest, ctx: CallContext) -> basic.UpdateResponse:
+        coll = self._coll(ctx, request.collection)
+        doc_id = validation.document_id(request.id)
+        body = to_bson(validation.document_json(request.json))
+        now = time.time_ns()
+        selector: Doc = {"_id": doc_id}
+        if request.expected_revision:
+            selector["r"] = request.expected_revision
+        change: Doc = {"$set": {"b": body, "ut": now}, "$inc": {"r": 1}}
+        upsert = request.allow_missing and not request.expected_revision
+        if upsert:
+            change["$setOnInsert"] = {"ct": now}
+        try:
+            async with self.mongo.call(ctx):
+                doc = await coll.find_one_and_update(
+                    selector, change, upsert=upsert, return_document=ReturnDocument.AFTER
+                )
+        except DuplicateKeyError as exc:
+            raise _unique_violation(exc, request.collection, doc_id) from exc
+        if doc is None:
+            if request.expected_revision:
+                raise _mismatch(request.collection, doc_id, await self._revision(coll, ctx, doc_id))
+            raise _not_found(request.collection, doc_id)
+        # revision 1 exists only right after creation, so r == 1 means this write created it
+        return basic.UpdateResponse(document=to_document(doc), created=upsert and doc["r"] == 1)
+
+    async def delete(self, request: basic.DeleteRequest, ctx: CallContext) -> basic.DeleteResponse:
+        coll = self._coll(ctx, request.collection)
+        doc_id = validation.document_id(request.id)
+        selector: Doc = {"_id": doc_id}
+        if request.expected_revision:
+            selector["r"] = request.expected_revision
+        async with self.mongo.call(ctx):
+            result = await coll.delete_one(selector)
+        if result.deleted_count == 0 and request.expected_revision:
+            raise _mismatch(request.collection, doc_id, await self._revision(coll, ctx, doc_id))
+        return basic.DeleteResponse(deleted=result.deleted_count > 0)
+
+    # document_query -----------------------------------------------------------------------
+    async def _fetch(
+        self,
+        coll: AsyncCollection[Doc],
+        ctx: CallContext,
+        selector: Doc,
+        paths: Iterable[docfilter.Path] | None,
+    ) -> list[Doc]:
+        """Matching documents, with only `paths` of their bodies (None: everything)."""
+        proj = None if paths is None else docquery.projection(paths)
+        async with self.mongo.call(ctx):
+            return await coll.find(selector, proj).to_list()
+
+    async def _by_ids(
+        self, coll: AsyncCollection[Doc], ctx: CallContext, ids: list[str]
+    ) -> list[Doc]:
+        """Whole documents for `ids`, in that order (ids deleted meanwhile are left out)."""
+        if not ids:
+            return []
+        found = {d["_id"]: d for d in await self._fetch(coll, ctx, {"_id": {"$in": ids}}, None)}
+        return [found[i] for i in ids if i in found]
+
+    async def _sorted_page(
+        self,
+        coll: AsyncCollection[Doc],
+        ctx: CallContext,
+        selector: Doc,
+        spec: docfilter.SortSpec,
+        after: docfilter.SortKey | None,
+        size: int,
+    ) -> tuple[list[Doc], docfilter.SortKey | None]:
+        """Up to `size` documents after `after` in sort order, and the key of the last one when
+        more follow."""
+        if not spec.fields:  # id order: a keyset range on the _id index, all on the server
+            if after is not None:
+                selector = {"$and": [selector, {"_id": {"$gt": after.doc_id}}]}
+            async with self.mongo.call(ctx):
+                docs = await coll.find(selector).sort("_id", 1).limit(size + 1).to_list()
+            more = len(docs) > size
+            docs = docs[:size]
+            last = spec.key(docs[-1]["_id"], _body(docs[-1])) if more else None
+            return docs, last
+        rows = await self._fetch(coll, ctx, selector, [p for p, _ in spec.fields])
+        keyed = [(spec.key(d["_id"], _body(d)), d["_id"]) for d in rows]
+        if after is not None:
+            keyed = [item for item in keyed if spec.compare(item[0], after) > 0]
+        ordered = spec.sort(keyed)
+        page = ordered[:size]
+        docs = await self._by_ids(coll, ctx, [i for _, i in page])
+        return docs, page[-1][0] if len(ordered) > size else None
+
+    async def find(self, request: query.FindRequest, ctx: CallContext) -> query.FindResponse:
+        coll = self._coll(ctx, request.collection)
+        node = docfilter.parse_filter(request.filter)
+        spec = docfilter.parse_sort([(s.field, s.descending) for s in request.sort])
+        size = validation.page_size(request.page_size)
+        scope = docfilter.token_scope(request.collection, request.filter, spec.canonical())
+        position = validation.decode_page_token(request.page_token, "mongodb.find", scope)
+        after = None if position is None else docfilter.key_from_position(position, spec)
+        docs, last = await self._sorted_page(coll, ctx, docquery.translate(node), spec, after, size)
+        token = (
+            ""
+            if last is None
+            else validation.encode_page_token("mongodb.find", scope, last.position())
+        )
+        return query.FindResponse(documents=[to_document(d) for d in docs], next_page_token=token)
+
+    async def find_one(
+        self, request: query.FindOneRequest, ctx: CallContext
+    ) -> query.FindOneResponse:
+        coll = self._coll(ctx, request.collection)
+        node = docfilter.parse_filter(request.filter)
+        spec = docfilter.parse_sort([(s.field, s.descending) for s in request.sort])
+        docs, _ = await self._sorted_page(coll, ctx, docquery.translate(node), spec, None, 1)
+        if not docs:
+            return query.FindOneResponse(found=False)
+        return query.FindOneResponse(found=True, document=to_document(docs[0]))
+
+    async def count(self, request: query.CountRequest, ctx: CallContext) -> query.CountResponse:
+        coll = self._coll(ctx, request.collection)
+        selector = docquery.translate(docfilter.parse_filter(request.filter))
+        async with self.mongo.call(ctx):
+            total = await coll.count_documents(selector)
+        return query.CountResponse(count=total)
+
+    async def aggregate(
+        self, request: query.AggregateRequest, ctx: CallContext
+    ) -> query.AggregateResponse:
+        coll = self._coll(ctx, request.collection)
+        node = docfilter.parse_filter(request.filter)
+        spec = docfilter.parse_aggregate(
+            request.group_by,
+            request.unwind,
+            [(_ACCUMULATOR_OPS.get(a.op), a.field) for a in request.accumulators],
+        )
+        size = validation.page_size(request.page_size)
+        scope = docfilter.token_scope(request.collection, request.filter, spec.canonical())
+        position = validation.decode_page_token(request.page_token, "mongodb.aggregate", scope)
+        paths = [p for _, p in spec.accumulators]
+        if spec.group_by is not None:
+            paths.append(spec.group_by)
+        rows = await self._fetch(coll, ctx, docquery.translate(node), paths)
+        groups = docfilter.aggregate((_body(d) for d in rows), spec)
+        if position is not None:
+            groups = [g for g in groups if docfilter.group_after(g[0], position)]
+        page = groups[:size]
+        token = ""
+        if len(groups) > size:
+            token = validation.encode_page_token(
+                "mongodb.aggregate", scope, docfilter.group_position(page[-1][0])
+            )
+        return query.AggregateResponse(
+            groups=[
+                query.AggregateGroup(key_json=g.key_json, count=g.count, values_json=values)
+                for g, values in page
+            ],
+            next_page_token=token,
+        )
+
+    # document_indexing --------------------------------------------------------------------
+    def _index_id(self, ctx: CallContext, collection: str, name: str) -> str:
+        return f"{len(ctx.namespace)}:{ctx.namespace}/{collection}/{name}"
+
+    async def create_index(
+        self, request: indexing.CreateIndexRequest, ctx: CallContext
+    ) -> indexing.CreateIndexResponse:
+        coll = self._coll(ctx, request.collection)
+        if not request.HasField("index"):
+            raise InvalidArgument("index", "is required")
+        kind = _INDEX_KINDS.get(request.index.kind or indexing.INDEX_KIND_VALUE)
+        if kind is None:
+            raise InvalidArgument("kind", "unknown index kind")
+        spec = docfilter.parse_index(
+            request.index.name,
+            [(f.path, f.descending) for f in request.index.fields],
+            request.index.unique,
+            kind,
+        )
+        stored: Doc = {
+            "_id": self._index_id(ctx, request.collection, spec.name),
+            "ns": ctx.namespace,
+            "c": request.collection,
+            "name": spec.name,
+            "fields": [[p, d] for p, d in spec.fields],
+            "unique": spec.unique,
+            "kind": spec.kind,
+        }
+        async with self.mongo.call(ctx):
+            existing = await self.indexes.find_one({"_id": stored["_id"]})
+        if existing is None:
+            if kind == "value":
+                await self._create_value_index(coll, ctx, spec, request.collection)
+            try:
+                async with self.mongo.call(ctx):
+                    await self.indexes.insert_one(stored)
+                return indexing.CreateIndexResponse(index=_index_proto(stored), created=True)
+            except DuplicateKeyError:  # created concurrently: compare with that one
+                async with self.mongo.call(ctx):
+                    existing = await self.indexes.find_one({"_id": stored["_id"]})
+        if existing is not None and all(existing[k] == stored[k] for k in stored):
+            return indexing.CreateIndexResponse(index=_index_proto(existing), created=False)
+        raise AlreadyExists(
+            f"index {spec.name!r} exists with another definition",
+            reason="INDEX_EXISTS",
+            index=spec.name,
+            collection=request.collection,
+        )
+
+    async def _create_value_index(
+        self,
+        coll: AsyncCollection[Doc],
+        ctx: CallContext,
+        spec: docfilter.IndexSpec,
+        collection: str,
+    ) -> None:
+        keys = [
+            (docquery.field(path), -1 if descending else 1)
+            for path, (_, descending) in zip(spec.paths, spec.fields, strict=True)
+        ]
+        options: Doc = {"name": spec.name}
+        if spec.unique:
+            options["unique"] = True
+            options["partialFilterExpression"] = {
+                docquery.field(p): {"$type": ["number", "string", "bool"]} for p in spec.paths
+            }
+        try:
+            async with self.mongo.call(ctx):
+                await coll.create_index(keys, **options)
+        except DuplicateKeyError as exc:
+            raise FailedPrecondition(
+                f"existing documents share a value of unique index {spec.name!r}",
+                reason="DUPLICATE_VALUES",
+                index=spec.name,
+                collection=collection,
+            ) from exc
+
+    async def drop_index(
+        self, request: indexing.DropIndexRequest, ctx: CallContext
+    ) -> indexing.DropIndexResponse:
+        coll = self._coll(ctx, request.collection)
+        async with self.mongo.call(ctx):
+            spec = await self.indexes.find_one_and_delete(
+                {"_id": self._index_id(ctx, request.collection, request.name)}
+            )
+            if spec is not None and spec["kind"] == "value":
+                try:
+                    await coll.drop_index(spec["name"])
+                except OperationFailure as exc:
+                    if exc.code != _INDEX_NOT_FOUND:
+                        raise
+        if spec is None:
+            raise NotFound(
+                f"index {request.name!r} not found",
+                reason="INDEX_NOT_FOUND",
+                index=request.name,
+                collection=request.collection,
+            )
+        return indexing.DropIndexResponse()
+
+    async def list_indexes(
+        self, request: indexing.ListIndexesRequest, ctx: CallContext
+    ) -> indexing.ListIndexesResponse:
+        validation.collection(request.collection)
+        size = validation.page_size(request.page_size)
+        after = validation.decode_page_token(
+            request.page_token, "mongodb.indexes", request.collection
+        )
+        if after is not None and not isinstance(after, str):
+            raise InvalidArgument("page_token", "malformed page token")
+        selector: Doc = {"ns": ctx.namespace, "c": request.collection}
+        if after is not None:
+            selector["name"] = {"$gt": after}
+        async with self.mongo.call(ctx):
+            specs = await self.indexes.find(selector).sort("name", 1).limit(size + 1).to_list()
+        token = ""
+        if len(specs) > size:
+            specs = specs[:size]
+            token = validation.encode_page_token(
+                "mongodb.indexes", request.collection, specs[-1]["name"]
+            )
+        return indexing.ListIndexesResponse(
+            indexes=[_index_proto(s) for s in specs], next_page_token=token
+        )
+
+    # document_search ----------------------------------------------------------------------
+    async def search(
+        self, request: search.SearchRequest, ctx: CallContext
+    ) -> search.SearchResponse:
+        coll = self._coll(ctx, request.collection)
+        terms = textsearch.query_terms(request.query)
+        fields = textsearch.search_fields([(f.path, f.weight) for f in request.fields])
+        node = docfilter.parse_filter(request.filter)
+        size = validation.page_size(request.page_size)
+        tags = (
+            textsearch.highlight_options(
+                request.highlight.pre_tag,
+                request.highlight.post_tag,
+                request.highlight.snippet_words,
+            )
+            if request.HasField("highlight")
+            else None
+        )
+        scope = docfilter.token_scope(
+            request.collection,
+            request.query,
+            [[f.name, f.weight] for f in fields],
+            request.filter,
+        )
+        position = validation.decode_page_token(request.page_token, "mongodb.search", scope)
+        if position is not None and not (
+            isinstance(position, list)
+            and len(position) == 2
+            and isinstance(position[0], int | float)
+            and not isinstance(position[0], bool)
+            and isinstance(position[1], str)
+        ):
+            raise InvalidArgument("page_token", "malformed page token")
+
+        rows = await self._fetch(coll, ctx, docquery.translate(node), [f.path for f in fields])
+        candidates = [(d["_id"], textsearch.document_words(_body(d), fields)) for d in rows]
+        averages = [
+            sum(words[k].length for _, words in candidates) / len(candidates) if candidates else 0.0
+            for k in range(len(fields))
+        ]
+        query_words = textsearch.normalized(request.query)
+        scored: list[tuple[float, str]] = []
+        for doc_id, words in candidates:
+            s = textsearch.score(words, terms, query_words, averages)
+            if s is not None and (
+                position is None or s < position[0] or (s == position[0] and doc_id > position[1])
+            ):
+                scored.append((s, doc_id))
+        scored.sort(key=lambda hit: (-hit[0], hit[1]))
+        page = scored[:size]
+        token = ""
+        if len(scored) > size:
+            token = validation.encode_page_token("mongodb.search", scope, list(page[-1]))
+        docs = {d["_id"]: d for d in await self._by_ids(coll, ctx, [i for _, i in page])}
+        hits = []
+        for s, doc_id in page:
+            doc = docs.get(doc_id)
+            if doc is None:  # deleted between scoring and fetching
+                continue
+            hit = search.SearchHit(document=to_document(doc), score=s)
+            if tags is not None:
+                for f in fields:
+                    text = textsearch.highlight_text(_body(doc), f.path, terms)
+                    if text is not None:
+                        hit.highlights.add(
+                            field=f.name,
+                            snippet=textsearch.snippet(text, terms, tags[0], tags[1], tags[2]),
+                        )
+            hits.append(hit)
+        return search.SearchResponse(hits=hits, next_page_token=token)
