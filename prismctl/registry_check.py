@@ -59,6 +59,7 @@ def validate_registry(reg: Registry) -> list[Diagnostic]:
 
 
 def _check_interfaces(reg: Registry) -> list[Diagnostic]:
+    # Imported here: loading every generated module is only needed by `registry validate`.
     from plugins.runtime.interfaces import catalog
 
     out: list[Diagnostic] = []
