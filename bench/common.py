@@ -77,39 +77,36 @@ class Result:
 
 
 async def closed_loop(
-    call: Callable[[int], Awaitable[object]], concurrency: int, seconds: float, warmup: float = 0.5
+    call: Callable[[int], Awaitable[object]],
+    concurrency: int,
+    seconds: float,
+    warmup: float = 0.5,
+    max_calls: int | None = None,
 ) -> tuple[int, float, list[float]]:
-    """`concurrency` workers each issuing `call(i)` back to back for `seconds` (after a warm-up
-    whose calls are not counted); returns (calls, elapsed, latencies in ms)."""
+    """`concurrency` workers issue `call(n)` back to back for `warmup + seconds` (or until
+    `max_calls` calls were issued); only calls started after the warm-up count. Returns (counted
+    calls, seconds from the end of the warm-up to the last counted completion, latencies ms)."""
     latencies: list[float] = []
-    counting = False
-    stop_at = 0.0
-    counter = 0
+    issued = 0
+    measure_from = time.perf_counter() + warmup
+    stop_at = measure_from + seconds
+    last_done = measure_from
 
     async def worker(wid: int) -> None:
-        nonlocal counter
-        while True:
-            now = time.perf_counter()
-            if counting and now >= stop_at:
+        nonlocal issued, last_done
+        while max_calls is None or issued < max_calls:
+            began = time.perf_counter()
+            if began >= stop_at:
                 return
-            counter += 1
-            await call(counter * 1000 + wid)
-            if counting:
-                latencies.append((time.perf_counter() - now) * 1000)
+            issued += 1
+            await call(issued * 1000 + wid)
+            if began >= measure_from:
+                done = time.perf_counter()
+                latencies.append((done - began) * 1000)
+                last_done = max(last_done, done)
 
-    async def clock() -> float:
-        nonlocal counting, stop_at
-        await asyncio.sleep(warmup)
-        start = time.perf_counter()
-        stop_at = start + seconds
-        counting = True
-        await asyncio.sleep(seconds)
-        return start
-
-    clock_task = asyncio.create_task(clock())
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    start = await clock_task
-    return len(latencies), time.perf_counter() - start, latencies
+    return len(latencies), max(last_done - measure_from, 1e-9), latencies
 
 
 def print_report(results: list[Result], baseline_target: str) -> None:

@@ -58,6 +58,13 @@ METADATA_FIELDS = {f.name for f in pb.ArtifactMetadata.DESCRIPTOR.fields}
 MUTABLE_WHEN_PUBLISHED = {"visibility"}
 
 
+class _KeepPin:
+    """Marker: a latest-version refresh that leaves any RollbackVersion pin as it is."""
+
+
+KEEP_PIN = _KeepPin()
+
+
 def _id(value: str, field: str = "id") -> str:
     if not value:
         raise InvalidArgument(field, "is required")
@@ -180,12 +187,10 @@ class ArtifactRegistry:
             name=f"{organization}/{slug}",
         )
         if not version:
-            latest = [s for s in await self._lineage_versions(organization, slug, ctx)
-                      if s.doc["is_latest"]]  # fmt: skip
-            if not latest:
+            record = await self._lineage(organization, slug, ctx)
+            if record is None or not record.doc["latest_id"]:
                 raise missing
-            self._verify(latest[0])
-            return latest[0]
+            return await self._load(record.doc["latest_id"], ctx)
         if Version.is_valid(version):
             exact = model.version_id(organization, slug, str(parse_version(version)))
             return await self._load(exact, ctx)
@@ -241,14 +246,36 @@ class ArtifactRegistry:
             return stored
         raise Aborted(f"artifact {doc_id}: too much contention", reason="REVISION_MISMATCH")
 
-    async def _refresh_latest(self, organization: str, slug: str, ctx: CallContext) -> None:
+    async def _lineage(self, organization: str, slug: str, ctx: CallContext) -> Stored | None:
+        """The lineage record: {"lineage", "latest_id", "pinned"} — which version is latest (so
+        GetArtifactBySlug is two reads by id) and any RollbackVersion pin."""
+        return await self.store.get(LINEAGES, model.version_id(organization, slug, ""), ctx)
+
+    async def _save_lineage(
+        self, organization: str, slug: str, record: Stored | None, doc: dict[str, Any],
+        ctx: CallContext,
+    ) -> None:  # fmt: skip
+        """Write the lineage record iff nobody changed it since `record` was read (ABORTED or
+        ALREADY_EXISTS otherwise): concurrent refreshes of one lineage serialize here."""
+        lineage_id = model.version_id(organization, slug, "")
+        if record is None:
+            await self.store.insert(LINEAGES, lineage_id, doc, ctx)
+        else:
+            await self.store.replace(LINEAGES, lineage_id, doc, record.revision, ctx)
+
+    async def _refresh_latest(
+        self, organization: str, slug: str, ctx: CallContext, pin: str | _KeepPin | None = KEEP_PIN
+    ) -> None:
         """Make exactly one version of the lineage `is_latest`: the pinned one (RollbackVersion)
         if still published, else the highest published (non-deprecated) stable version, else
-        the highest published prerelease."""
+        the highest published prerelease. `pin` sets (a version) or clears (None) the pin."""
         for _ in range(CAS_RETRIES):
+            record = await self._lineage(organization, slug, ctx)
+            if isinstance(pin, _KeepPin):
+                pinned = record.doc.get("pinned") if record else None
+            else:
+                pinned = pin
             versions = await self._lineage_versions(organization, slug, ctx)
-            pin = await self.store.get(LINEAGES, model.version_id(organization, slug, ""), ctx)
-            pinned = pin.doc.get("pinned") if pin else None
             published = {
                 parse_version(s.doc["version"]): s
                 for s in versions
@@ -258,23 +285,29 @@ class ArtifactRegistry:
             stable = [v for v in published if not v.prerelease]
             if chosen is None and published:
                 chosen = published[max(stable or published)]
+            doc = {
+                "lineage": model.lineage(organization, slug),
+                "pinned": pinned,
+                "latest_id": chosen.id if chosen else None,
+            }
             try:
+                await self._save_lineage(organization, slug, record, doc, ctx)
                 for stored in versions:
                     want = stored is chosen
                     if stored.doc["is_latest"] != want:
-                        doc = {**stored.doc, "is_latest": want}
-                        updated = await self.store.replace(
-                            ARTIFACTS, stored.id, doc, stored.revision, ctx
+                        flagged = {**stored.doc, "is_latest": want}
+                        await self.store.replace(
+                            ARTIFACTS, stored.id, flagged, stored.revision, ctx
                         )
-                        await self.cache.invalidate(updated.id, ctx)
-            except Aborted:
+                        await self.cache.invalidate(stored.id, ctx)
+            except (Aborted, AlreadyExists):
                 continue
             return
+        raise Aborted(f"{organization}/{slug}: too much contention", reason="REVISION_MISMATCH")
 
     async def _after_publish(self, organization: str, slug: str, ctx: CallContext) -> None:
         """A new publication ends any RollbackVersion pin and may change the latest version."""
-        await self.store.delete(LINEAGES, model.version_id(organization, slug, ""), ctx)
-        await self._refresh_latest(organization, slug, ctx)
+        await self._refresh_latest(organization, slug, ctx, pin=None)
 
     async def create_artifact(
         self, request: pb.CreateArtifactRequest, ctx: CallContext
@@ -602,14 +635,7 @@ class ArtifactRegistry:
                 f"{target.doc['lineage']}@{version} is {target.doc['state']}, not published",
                 reason="NOT_PUBLISHED",
             )
-        pin_id = model.version_id(request.organization, request.slug, "")
-        pin = {"lineage": target.doc["lineage"], "pinned": version}
-        existing = await self.store.get(LINEAGES, pin_id, ctx)
-        if existing is None:
-            await self.store.insert(LINEAGES, pin_id, pin, ctx)
-        else:
-            await self.store.replace(LINEAGES, pin_id, pin, existing.revision, ctx)
-        await self._refresh_latest(request.organization, request.slug, ctx)
+        await self._refresh_latest(request.organization, request.slug, ctx, pin=version)
         return pb.RollbackVersionResponse(artifact=self._artifact(await self._reload(target, ctx)))
 
     async def resolve_dependencies(

@@ -1,0 +1,301 @@
+"""The artifact registry under load: GetArtifact (cached and uncached), GetArtifactBySlug,
+CreateArtifact and SearchArtifacts with concurrent clients, at several corpus sizes, on the
+embedded default (SQLite) and on PostgreSQL, against a bare gRPC echo server in the same run.
+
+    make bench-registry                   # sizes 1k,10k; add --sizes 1000,10000,100000
+    .venv/bin/python -m bench.registry --targets sqlite --sizes 1000 --seconds 2
+
+Corpora are bulk-loaded with ImportPack (the registry's own API), then each operation runs
+closed-loop for --seconds. "uncached" reads touch every id once, so the L1/L2 caches cannot
+answer them; "cached" reads cycle over 100 ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import random
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import grpc
+import yaml
+from prism.interfaces.keyvalue.v1 import keyvalue_basic_pb2 as kv
+from prism.interfaces.keyvalue.v1 import keyvalue_basic_pb2_grpc as kv_grpc
+from prism.patterns.artifact_registry.v1 import artifact_registry_pb2 as pb
+from prism.patterns.artifact_registry.v1 import artifact_registry_pb2_grpc as pb_grpc
+
+from bench.common import BIN, Result, closed_loop, run_fast, spawn
+
+WORDS = [
+    "code",
+    "review",
+    "test",
+    "deploy",
+    "data",
+    "chat",
+    "voice",
+    "vision",
+    "plan",
+    "write",
+    "translate",
+    "search",
+    "summarize",
+    "refactor",
+    "debug",
+    "security",
+    "audit",
+    "design",
+    "research",
+    "sales",
+    "support",
+    "legal",
+    "finance",
+    "teach",
+]
+ROLES = [
+    "assistant",
+    "reviewer",
+    "agent",
+    "coach",
+    "analyst",
+    "writer",
+    "planner",
+    "bot",
+    "expert",
+    "tutor",
+]
+IMPORT_BATCH = 2000
+#: artifacts made by the "create" operation, numbered after any corpus
+CREATED = itertools.count(10_000_000)
+
+
+def corpus_artifact(i: int) -> pb.Artifact:
+    rng = random.Random(i)
+    topic = rng.sample(WORDS, 3)
+    name = f"{topic[0].title()} {rng.choice(ROLES).title()} {i}"
+    source = f"persona P{i} {{ focus: {' '.join(topic)} }}"
+    org = f"org{i % 50}"
+    slug = f"{topic[0]}-{i}"
+    version = "1.0.0"
+    return pb.Artifact(
+        id=hashlib.sha256(f"{org}/{slug}@{version}".encode()).hexdigest()[:32],
+        organization=org,
+        name=name,
+        slug=slug,
+        type=pb.ARTIFACT_TYPE_PERSONA,
+        version=version,
+        source=source,
+        source_sha256=hashlib.sha256(source.encode()).hexdigest(),
+        visibility=pb.VISIBILITY_PUBLIC,
+        state=pb.VERSION_STATE_PUBLISHED,
+        metadata=pb.ArtifactMetadata(
+            description=f"An {' and '.join(topic)} helper", tags=topic[:2], skills=topic[1:]
+        ),
+    )
+
+
+def pack(artifacts: list[pb.Artifact]) -> list[pb.PackChunk]:
+    """A valid PCLPack for ImportPack (same digest rule as the server's export)."""
+    chunks = [
+        pb.PackChunk(
+            manifest=pb.PackManifest(
+                format="pclpack/1",
+                artifacts=[
+                    pb.LockedArtifact(
+                        id=a.id,
+                        name=f"{a.organization}/{a.slug}",
+                        version=a.version,
+                        source_sha256=a.source_sha256,
+                    )
+                    for a in artifacts
+                ],
+            )
+        ),
+        *(pb.PackChunk(artifact=a) for a in artifacts),
+    ]
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk.SerializeToString(deterministic=True))
+    trailer = pb.PackTrailer(pack_sha256=digest.hexdigest(), artifact_count=len(artifacts))
+    return [*chunks, pb.PackChunk(trailer=trailer)]
+
+
+async def load(stub: pb_grpc.ArtifactRegistryServiceAsyncStub, start: int, stop: int) -> None:
+    for first in range(start, stop, IMPORT_BATCH):
+        batch = [corpus_artifact(i) for i in range(first, min(stop, first + IMPORT_BATCH))]
+        async for event in stub.ImportPack(pb.ImportPackRequest(chunks=pack(batch)), timeout=600):
+            if event.HasField("summary") and event.summary.issues:
+                raise RuntimeError(f"import failed: {event.summary.issues[0]}")
+        print(f"    loaded {min(stop, first + IMPORT_BATCH)}", file=sys.stderr)
+
+
+Call = Callable[[int], Awaitable[object]]
+
+
+def operations(
+    stub: pb_grpc.ArtifactRegistryServiceAsyncStub, size: int, start_fresh: int
+) -> dict[str, Call]:
+    fresh = itertools.count(start_fresh)
+    hot = [corpus_artifact(i).id for i in range(100)]
+
+    async def uncached(n: int) -> object:
+        return await stub.GetArtifact(pb.GetArtifactRequest(id=corpus_artifact(next(fresh)).id))
+
+    async def cached(n: int) -> object:
+        return await stub.GetArtifact(pb.GetArtifactRequest(id=hot[n % 100]))
+
+    async def by_slug(n: int) -> object:
+        a = corpus_artifact(n % size)
+        return await stub.GetArtifactBySlug(
+            pb.GetArtifactBySlugRequest(organization=a.organization, slug=a.slug)
+        )
+
+    async def create(n: int) -> object:
+        a = corpus_artifact(next(CREATED))
+        a.ClearField("id")
+        return await stub.CreateArtifact(pb.CreateArtifactRequest(artifact=a))
+
+    async def search(n: int) -> object:
+        rng = random.Random(n)
+        query = f"{rng.choice(WORDS)} {rng.choice(ROLES)}"
+        return await stub.SearchArtifacts(pb.SearchArtifactsRequest(query=query, page_size=10))
+
+    return {
+        "get-uncached": uncached,
+        "get-cached": cached,
+        "get-by-slug": by_slug,
+        "create": create,
+        "search": search,
+    }
+
+
+async def measure_registry(
+    target: str, address: str, sizes: list[int], concurrency: int, seconds: float
+) -> list[Result]:
+    results: list[Result] = []
+    options = [
+        ("grpc.max_receive_message_length", 64 << 20),
+        ("grpc.max_send_message_length", 64 << 20),
+    ]
+    async with grpc.aio.insecure_channel(address, options=options) as channel:
+        stub = pb_grpc.ArtifactRegistryServiceStub(channel)
+        loaded = 0
+        for size in sizes:
+            await load(stub, loaded, size)
+            previous, loaded = loaded, size
+            # ids below the previous size were read at that size: only new ones are cold
+            for name, call in operations(stub, size, previous).items():
+                # every uncached read is a first touch: no warm-up, at most one pass over the ids
+                first_touch = name == "get-uncached"
+                calls, elapsed, lat = await closed_loop(
+                    call,
+                    concurrency,
+                    seconds,
+                    warmup=0 if first_touch else 0.2,
+                    max_calls=size - previous if first_touch else None,
+                )
+                results.append(Result(f"{target}@{size}", name, concurrency, calls, elapsed, lat))
+                print(f"  {target}@{size} {name}: {calls / elapsed:,.0f}/s", file=sys.stderr)
+    return results
+
+
+async def measure_echo(address: str, concurrency: int, seconds: float) -> Result:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = kv_grpc.KeyValueBasicServiceStub(channel)
+
+        async def call(n: int) -> object:
+            return await stub.Get(kv.GetRequest(key="k"))
+
+        calls, elapsed, lat = await closed_loop(call, concurrency, seconds)
+        return Result("echo", "unary", concurrency, calls, elapsed, lat)
+
+
+@contextmanager
+def prism_server(target: str, tmp: Path) -> Iterator[str]:
+    """prism-server with the registry on `target`: the embedded default for sqlite; a throwaway
+    PostgreSQL (tests/support/servers.py) for postgres."""
+    data = tmp / target
+    with ExitStack() as stack:
+        command = [str(BIN / "prism-server"), "--listen", "127.0.0.1:0", "--data-dir", str(data)]
+        if target == "postgres":
+            from tests.support.servers import throwaway
+
+            db = stack.enter_context(throwaway("postgres"))
+            slot = {"backend": "postgres", "config": {"connection": db.url}}
+            config = {
+                "namespaces": [
+                    {
+                        "name": "registry",
+                        "pattern": "artifact-registry",
+                        "pattern_version": "v1",
+                        "slots": {"store": slot, "cache": slot},
+                    }
+                ]
+            }
+            path = tmp / "postgres.yaml"
+            path.write_text(yaml.safe_dump(config))
+            command += ["--config", str(path)]
+        yield stack.enter_context(
+            spawn(command, r"listening on (\S+:\d+)", env={"PRISM_LOG_LEVEL": "WARNING"})
+        )
+
+
+def report(results: list[Result], echo: Result) -> None:
+    header = (
+        f"{'target@artifacts':<18} {'operation':<13} {'calls/s':>8} {'p50 ms':>7} {'p95 ms':>7}"
+        f" {'p99 ms':>7} {'× echo calls/s':>14}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in [echo, *results]:
+        ratio = r.throughput / echo.throughput
+        print(
+            f"{r.target:<18} {r.operation:<13} {r.throughput:8.0f} {r.percentile(50):7.2f}"
+            f" {r.percentile(95):7.2f} {r.percentile(99):7.2f} {ratio:14.2f}"
+        )
+    print(f"\nbaseline: bare gRPC echo server, {echo.concurrency} concurrent calls, this run")
+    by_key = {(r.target, r.operation): r for r in results}
+    targets = sorted({r.target.split("@")[0] for r in results})
+    sizes = sorted({int(r.target.split("@")[1]) for r in results})
+    if len(sizes) > 1:
+        print("\nscaling (p50 ms at each corpus size):")
+        for target in targets:
+            for op in ("get-uncached", "search"):
+                cells = [by_key.get((f"{target}@{s}", op)) for s in sizes]
+                text = "  ".join(
+                    f"{s}: {c.percentile(50):.2f}" for s, c in zip(sizes, cells, strict=True) if c
+                )
+                print(f"  {target:<9} {op:<13} {text}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--targets", default="sqlite,postgres")
+    parser.add_argument("--sizes", default="1000,10000", help="corpus sizes, ascending")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    args = parser.parse_args()
+    sizes = sorted(int(s) for s in args.sizes.split(","))
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="prism-bench-registry-") as tmp:
+        echo_cmd = [sys.executable, "-m", "bench.echo_server"]
+        with spawn(echo_cmd, r"listening on (\S+:\d+)") as address:
+            echo = run_fast(measure_echo(address, args.concurrency, args.seconds))
+        for target in args.targets.split(","):
+            with prism_server(target, Path(tmp)) as address:
+                results += run_fast(
+                    measure_registry(target, address, sizes, args.concurrency, args.seconds)
+                )
+    print()
+    report(results, echo)
+
+
+if __name__ == "__main__":
+    main()
