@@ -117,6 +117,15 @@ class RedisConnection:
             retry=Retry(NoBackoff(), 0),
         )
         self.dedicated = aioredis.Redis(connection_pool=self.dedicated_pool)
+        # Health probes get their own tiny pool: a busy request pool must not read as "down".
+        self.probe_pool = aioredis.ConnectionPool.from_url(
+            settings.url,
+            max_connections=2,
+            socket_connect_timeout=settings.health_timeout,
+            socket_timeout=settings.health_timeout,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self.probe = aioredis.Redis(connection_pool=self.probe_pool)
 
     async def run(
         self,
@@ -142,8 +151,8 @@ class RedisConnection:
 
     async def ping(self) -> bool:
         try:
-            await self._guarded(self.client.ping(), self.settings.health_timeout)
-        except Unavailable:
+            await self._guarded(self.probe.ping(), self.settings.health_timeout)
+        except (Unavailable, ResourceExhausted):
             return False
         return True
 
@@ -152,7 +161,11 @@ class RedisConnection:
         return str(info.get("redis_version", "unknown"))
 
     async def close(self) -> None:
-        for client, pool in ((self.client, self.pool), (self.dedicated, self.dedicated_pool)):
+        for client, pool in (
+            (self.client, self.pool),
+            (self.dedicated, self.dedicated_pool),
+            (self.probe, self.probe_pool),
+        ):
             await client.aclose()
             await pool.disconnect()
 

@@ -12,9 +12,10 @@ from plugins.redis.pubsub import RedisPubSub
 from plugins.redis.queue import RedisQueue
 from plugins.redis.stream import RedisStream
 from plugins.runtime.base import BackendPlugin
-from plugins.runtime.errors import InvalidArgument
+from plugins.runtime.errors import FailedPrecondition, InvalidArgument
 
 DEFAULT_KEY_PREFIX = "prism:"
+MIN_REDIS_MAJOR = 7
 
 KEYVALUE_INTERFACES = (
     "keyvalue_basic",
@@ -91,8 +92,15 @@ class RedisPlugin(BackendPlugin):
         }
 
     async def start(self) -> None:
-        """Check the server answers (Unavailable if not) and remember its version."""
+        """Check the server answers (Unavailable if not) and is recent enough."""
         self._version = await self.conn.server_version()
+        major = self._version.split(".")[0]
+        if not major.isdigit() or int(major) < MIN_REDIS_MAJOR:
+            raise FailedPrecondition(
+                f"redis {self._version} is too old: the plugin needs Redis >= {MIN_REDIS_MAJOR}.0 "
+                "(PEXPIRETIME, XADD with <ms>-*)",
+                reason="BACKEND_TOO_OLD",
+            )
 
     async def close(self) -> None:
         await self.pubsub.close()
