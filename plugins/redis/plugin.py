@@ -33,7 +33,7 @@ QUEUE_INTERFACES = (
     "queue_priority",
 )
 PUBSUB_INTERFACES = ("pubsub_basic", "pubsub_wildcards")
-STREAM_INTERFACES = ("stream_basic", "stream_consumer_groups", "stream_replay", "stream_retention")
+STREAM_INTERFACES = ("stream_basic",)
 
 
 def _positive(config: Mapping[str, Any], name: str, default: float) -> float:
@@ -89,6 +89,7 @@ class RedisPlugin(BackendPlugin):
             **dict.fromkeys(KEYVALUE_INTERFACES, self.keyvalue),
             **dict.fromkeys(QUEUE_INTERFACES, self.queue),
             **dict.fromkeys(PUBSUB_INTERFACES, self.pubsub),
+            **dict.fromkeys(STREAM_INTERFACES, self.stream),
         }
 
     async def start(self) -> None:
