@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
