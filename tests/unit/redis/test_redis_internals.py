@@ -1,7 +1,8 @@
 """Redis plugin internals the black-box conformance suite cannot see: the keyspace layout
 (namespace segments never collide), the key index forgetting expired keys, the blocking pool,
-Lua scripts surviving a flushed script cache, the slot's default TTL, fail-fast start, and
-pattern subscriptions confined to their namespace."""
+Lua scripts surviving a flushed script cache, the slot's default TTL, fail-fast start, pattern
+subscriptions confined to their namespace, queue messages leaving no keys behind, and stream
+offsets as Redis IDs 0-N."""
 
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ from prism.interfaces.keyvalue.v1 import keyvalue_scan_pb2 as scan
 from prism.interfaces.keyvalue.v1 import keyvalue_ttl_pb2 as ttl
 from prism.interfaces.pubsub.v1 import pubsub_basic_pb2 as pubsub
 from prism.interfaces.pubsub.v1 import pubsub_wildcards_pb2 as wildcards
+from prism.interfaces.queue.v1 import queue_basic_pb2 as queue
+from prism.interfaces.queue.v1 import queue_dead_letter_pb2 as dead_letter
+from prism.interfaces.queue.v1 import queue_visibility_pb2 as visibility
+from prism.interfaces.stream.v1 import stream_basic_pb2 as stream
+from prism.interfaces.stream.v1 import stream_retention_pb2 as retention
 
 from plugins.redis import RedisPlugin
 from plugins.redis.keys import Keyspace, lex_range
@@ -192,3 +198,52 @@ async def test_pattern_subscriptions_stay_in_their_namespace(plugin: RedisPlugin
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(anext(stream), 0.3)
     await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def test_acked_and_dead_lettered_messages_leave_no_keys_behind(
+    plugin: RedisPlugin, redis_server: ThrowawayServer, ctx: CallContext
+) -> None:
+    q = plugin.queue
+    await q.configure_dead_letter(
+        dead_letter.ConfigureDeadLetterRequest(
+            queue="q", dead_letter_queue="dlq", max_deliveries=1
+        ),
+        ctx,
+    )
+    for payload in (b"ok", b"bad"):
+        await q.enqueue(queue.EnqueueRequest(queue="q", payload=payload), ctx)
+    ok, bad = (await q.dequeue(queue.DequeueRequest(queue="q", max_messages=2), ctx)).messages
+    await q.ack(queue.AckRequest(queue="q", receipt_handle=ok.receipt_handle), ctx)
+    await q.release(visibility.ReleaseRequest(queue="q", receipt_handle=bad.receipt_handle), ctx)
+    assert (
+        await q.redrive_dead_letters(dead_letter.RedriveDeadLettersRequest(queue="q"), ctx)
+    ).moved
+    again = (await q.dequeue(queue.DequeueRequest(queue="q"), ctx)).messages[0]
+    assert (again.message_id, again.delivery_count) == (bad.message_id, 1)
+    await q.ack(queue.AckRequest(queue="q", receipt_handle=again.receipt_handle), ctx)
+    ks = Keyspace(plugin.key_prefix.encode(), ctx.namespace)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        left = sorted(await raw.keys(glob_escape(ks.segment) + b"*"))
+    finally:
+        await raw.aclose()
+    # only the arrival counters and the dead-letter configuration remain
+    assert left == [ks.queue_key("dlq", "seq"), ks.queue_key("q", "c"), ks.queue_key("q", "seq")]
+
+
+async def test_stream_offsets_are_redis_ids_0_n_and_survive_trimming(
+    plugin: RedisPlugin, redis_server: ThrowawayServer, ctx: CallContext
+) -> None:
+    s = plugin.stream
+    for _ in range(3):
+        await s.append(stream.AppendRequest(stream="s", payload=b"x"), ctx)
+    await s.trim(retention.TrimRequest(stream="s", before_offset=4), ctx)
+    appended = await s.append(stream.AppendRequest(stream="s", payload=b"y"), ctx)
+    assert appended.offset == 4
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        entries = await raw.xrange(s._prefix(ctx, "s") + b"log")
+    finally:
+        await raw.aclose()
+    assert entries is not None
+    assert [ident for ident, _ in entries] == [b"0-4"]
