@@ -1,4 +1,5 @@
-"""The Redis backend (redis.asyncio): KeyValue on hashes, sorted-set indexes and Lua scripts."""
+"""The Redis backend (redis.asyncio): KeyValue, Queue, PubSub and Stream on hashes, sorted sets,
+Redis Streams, PUBLISH/SUBSCRIBE and Lua scripts."""
 
 from plugins.redis.plugin import RedisPlugin
 

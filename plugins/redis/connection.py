@@ -27,6 +27,7 @@ from plugins.runtime.context import CallContext
 from plugins.runtime.errors import ResourceExhausted, Unavailable
 
 T = TypeVar("T")
+PoolT = TypeVar("PoolT", bound=aioredis.ConnectionPool)
 
 #: server replies meaning "not now" rather than "bad command"
 _TRANSIENT_REPLIES = ("LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "BUSY", "NOREPLICAS")
@@ -97,35 +98,38 @@ class RedisConnection:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.pool = aioredis.BlockingConnectionPool.from_url(
-            settings.url,
+        self.pool = self._pool(
+            aioredis.BlockingConnectionPool,
             max_connections=settings.pool_max_size,
             timeout=settings.pool_timeout,
-            socket_connect_timeout=settings.connect_timeout,
-            socket_timeout=settings.socket_timeout,
-            retry=Retry(NoBackoff(), 0),
         )
         self.client = aioredis.Redis(connection_pool=self.pool)
         self.scripts = Scripts(self.client)
         # A separate, non-blocking bounded pool for subscriptions and blocking reads (XREAD
         # BLOCK), so they never starve the request pool; past its size: ResourceExhausted.
-        self.dedicated_pool = aioredis.ConnectionPool.from_url(
-            settings.url,
-            max_connections=settings.max_dedicated,
-            socket_connect_timeout=settings.connect_timeout,
-            socket_timeout=settings.socket_timeout,
-            retry=Retry(NoBackoff(), 0),
+        self.dedicated_pool = self._pool(
+            aioredis.ConnectionPool, max_connections=settings.max_dedicated
         )
         self.dedicated = aioredis.Redis(connection_pool=self.dedicated_pool)
         # Health probes get their own tiny pool: a busy request pool must not read as "down".
-        self.probe_pool = aioredis.ConnectionPool.from_url(
-            settings.url,
+        self.probe_pool = self._pool(
+            aioredis.ConnectionPool,
             max_connections=2,
             socket_connect_timeout=settings.health_timeout,
             socket_timeout=settings.health_timeout,
-            retry=Retry(NoBackoff(), 0),
         )
         self.probe = aioredis.Redis(connection_pool=self.probe_pool)
+
+    def _pool(self, kind: type[PoolT], **options: Any) -> PoolT:
+        """A pool of `kind` on the slot's URL with bounded timeouts and no driver retries
+        (`options` override)."""
+        settings = {
+            "socket_connect_timeout": self.settings.connect_timeout,
+            "socket_timeout": self.settings.socket_timeout,
+            "retry": Retry(NoBackoff(), 0),
+            **options,
+        }
+        return kind.from_url(self.settings.url, **settings)
 
     async def run(
         self,

@@ -60,7 +60,8 @@ def settings_from(config: Mapping[str, Any]) -> Settings:
 
 
 class RedisPlugin(BackendPlugin):
-    """KeyValue on a standalone Redis ≥ 7.0 (uses PEXPIRETIME and ZRANGE BYLEX/BYSCORE).
+    """KeyValue, Queue, PubSub and Stream on a standalone Redis ≥ 7.0 (PEXPIRETIME, XADD with
+    `0-*`, ZRANGE BYLEX/BYSCORE).
 
     Config: `connection` (redis://host:port/db), `key_prefix` (default "prism:"), `ttl_seconds`
     (expiry of keys written without their own TTL: a cache slot), `pool_max_size`,
