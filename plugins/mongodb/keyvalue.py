@@ -114,10 +114,10 @@ class MongoKeyValue:
         """Indexes the collection needs (idempotent)."""
         await self.kv.create_index("x", expireAfterSeconds=0, name="prism_expiry")
 
-    def _id(self, ctx: CallContext, key: str) -> str:
+    def entry_id(self, ctx: CallContext, key: str) -> str:
         return scope(ctx.namespace) + key
 
-    async def _revisions(self, count: int) -> int:
+    async def revisions(self, count: int) -> int:
         """Take `count` fresh revisions; returns the last (the first is last - count + 1).
 
         Revisions are reserved from the shared counter a block at a time, so most writes need no
@@ -139,7 +139,7 @@ class MongoKeyValue:
             return self._next - 1
 
     @staticmethod
-    def _entry(key: str, value: bytes, revision: int, expiry: dt.datetime | None) -> Doc:
+    def entry(key: str, value: bytes, revision: int, expiry: dt.datetime | None) -> Doc:
         doc: Doc = {"k": key, "v": Binary(value), "r": revision}
         if expiry is not None:
             doc["x"] = expiry
@@ -149,19 +149,21 @@ class MongoKeyValue:
         self, ctx: CallContext, key: str, value: bytes, expiry: dt.datetime | None
     ) -> int:
         async with self.mongo.call(ctx):
-            revision = await self._revisions(1)
-            entry = self._entry(key, value, revision, expiry)
+            revision = await self.revisions(1)
+            entry = self.entry(key, value, revision, expiry)
             try:
-                await self.kv.replace_one({"_id": self._id(ctx, key)}, entry, upsert=True)
+                await self.kv.replace_one({"_id": self.entry_id(ctx, key)}, entry, upsert=True)
             except DuplicateKeyError:  # a concurrent upsert of the same new key won the insert
-                await self.kv.replace_one({"_id": self._id(ctx, key)}, entry, upsert=True)
+                await self.kv.replace_one({"_id": self.entry_id(ctx, key)}, entry, upsert=True)
         return revision
 
     async def _find_live(
         self, ctx: CallContext, key: str, projection: Doc | None = None
     ) -> Doc | None:
         async with self.mongo.call(ctx):
-            return await self.kv.find_one({"_id": self._id(ctx, key), **live(now())}, projection)
+            return await self.kv.find_one(
+                {"_id": self.entry_id(ctx, key), **live(now())}, projection
+            )
 
     async def _current_revision(self, ctx: CallContext, key: str) -> int:
         doc = await self._find_live(ctx, key, {"r": 1})
@@ -185,7 +187,7 @@ class MongoKeyValue:
     ) -> basic_pb.DeleteResponse:
         key = validation.key(request.key)
         async with self.mongo.call(ctx):
-            old = await self.kv.find_one_and_delete({"_id": self._id(ctx, key)}, {"x": 1})
+            old = await self.kv.find_one_and_delete({"_id": self.entry_id(ctx, key)}, {"x": 1})
         return basic_pb.DeleteResponse(deleted=old is not None and is_live(old, now()))
 
     async def exists(
@@ -220,9 +222,11 @@ class MongoKeyValue:
             for i, e in enumerate(request.entries)
         ]
         async with self.mongo.call(ctx):
-            first = await self._revisions(len(entries)) - len(entries) + 1
+            first = await self.revisions(len(entries)) - len(entries) + 1
         writes = [
-            ReplaceOne({"_id": self._id(ctx, k)}, self._entry(k, v, first + i, None), upsert=True)
+            ReplaceOne(
+                {"_id": self.entry_id(ctx, k)}, self.entry(k, v, first + i, None), upsert=True
+            )
             for i, (k, v) in enumerate(entries)
         ]
 
@@ -241,7 +245,7 @@ class MongoKeyValue:
         self, request: batch_pb.BatchGetRequest, ctx: CallContext
     ) -> batch_pb.BatchGetResponse:
         keys = validation.keys(request.keys)
-        ids = sorted({self._id(ctx, k) for k in keys})
+        ids = sorted({self.entry_id(ctx, k) for k in keys})
         async with self.mongo.call(ctx):
             found = {
                 doc["k"]: doc async for doc in self.kv.find({"_id": {"$in": ids}, **live(now())})
@@ -263,7 +267,7 @@ class MongoKeyValue:
         self, request: batch_pb.BatchDeleteRequest, ctx: CallContext
     ) -> batch_pb.BatchDeleteResponse:
         keys = validation.keys(request.keys)
-        ids = sorted({self._id(ctx, k) for k in keys})
+        ids = sorted({self.entry_id(ctx, k) for k in keys})
 
         async def job(session: AsyncClientSession | None) -> set[str]:
             present = {
@@ -294,13 +298,13 @@ class MongoKeyValue:
         expected = request.expected_revision
         at = now()
         async with self.mongo.call(ctx):
-            revision = await self._revisions(1)
-            entry = self._entry(key, value, revision, None)
+            revision = await self.revisions(1)
+            entry = self.entry(key, value, revision, None)
             if expected == 0:
                 # insert-only: an expired leftover may be replaced, a live entry may not
                 try:
                     await self.kv.replace_one(
-                        {"_id": self._id(ctx, key), "x": {"$lte": at}}, entry, upsert=True
+                        {"_id": self.entry_id(ctx, key), "x": {"$lte": at}}, entry, upsert=True
                     )
                 except DuplicateKeyError as exc:
                     raise AlreadyExists(
@@ -308,7 +312,7 @@ class MongoKeyValue:
                     ) from exc
                 return cas_pb.CompareAndSwapResponse(revision=revision)
             result = await self.kv.replace_one(
-                {"_id": self._id(ctx, key), "r": expected, **live(at)}, entry
+                {"_id": self.entry_id(ctx, key), "r": expected, **live(at)}, entry
             )
         if result.matched_count == 0:
             raise _mismatch(key, expected, await self._current_revision(ctx, key))
@@ -323,7 +327,7 @@ class MongoKeyValue:
             raise InvalidArgument("expected_revision", "must be positive")
         async with self.mongo.call(ctx):
             result = await self.kv.delete_one(
-                {"_id": self._id(ctx, key), "r": expected, **live(now())}
+                {"_id": self.entry_id(ctx, key), "r": expected, **live(now())}
             )
         if result.deleted_count == 0:
             raise _mismatch(key, expected, await self._current_revision(ctx, key))
@@ -349,7 +353,7 @@ class MongoKeyValue:
         bounds = prefix_range(ctx.namespace, prefix)
         if after is not None:  # the token's key has the prefix (its scope is the prefix)
             del bounds["$gte"]
-            bounds["$gt"] = self._id(ctx, after)
+            bounds["$gt"] = self.entry_id(ctx, after)
         projection = None if with_values else {"k": 1}
         async with self.mongo.call(ctx):
             cursor = self.kv.find({"_id": bounds, **live(now())}, projection)
@@ -406,9 +410,9 @@ class MongoKeyValue:
     async def _touch(self, ctx: CallContext, key: str, expiry: Doc, change: Doc) -> bool:
         """Apply `change` under a new revision to the key if its expiry matches `expiry`."""
         async with self.mongo.call(ctx):
-            revision = await self._revisions(1)
+            revision = await self.revisions(1)
             change.setdefault("$set", {})["r"] = revision
-            result = await self.kv.update_one({"_id": self._id(ctx, key), **expiry}, change)
+            result = await self.kv.update_one({"_id": self.entry_id(ctx, key), **expiry}, change)
         return result.matched_count > 0
 
     async def expire(

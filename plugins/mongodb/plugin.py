@@ -3,6 +3,8 @@ asyncio client."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -12,7 +14,13 @@ from pymongo.errors import OperationFailure
 from plugins.mongodb.connection import Mongo, settings
 from plugins.mongodb.document import MongoDocuments
 from plugins.mongodb.keyvalue import MongoKeyValue
+from plugins.mongodb.transactions import MongoTransactions
 from plugins.runtime.base import BackendPlugin
+from plugins.runtime.errors import InvalidArgument
+
+#: how often idle transactions are looked for (their timeouts are 1 s and up)
+REAP_INTERVAL = 0.25
+DEFAULT_MAX_TRANSACTIONS = 100
 
 
 class MongodbPlugin(BackendPlugin):
@@ -25,9 +33,16 @@ class MongodbPlugin(BackendPlugin):
         super().__init__(config, data_dir=data_dir)
         self.mongo = Mongo(settings(config))
         self.keyvalue = MongoKeyValue(self.mongo)
+        max_transactions = config.get("max_transactions", DEFAULT_MAX_TRANSACTIONS)
+        if isinstance(max_transactions, bool) or not isinstance(max_transactions, int):
+            raise InvalidArgument("max_transactions", "must be an integer")
+        if max_transactions < 1:
+            raise InvalidArgument("max_transactions", "must be positive")
+        self.transactions = MongoTransactions(self.keyvalue, max_transactions=max_transactions)
         self.documents = MongoDocuments(self.mongo)
         self.facts: dict[str, str] = {}
         self._started = False
+        self._reaper: asyncio.Task[None] | None = None
 
     def implementations(self) -> Mapping[str, object]:
         return {
@@ -36,6 +51,7 @@ class MongodbPlugin(BackendPlugin):
             "keyvalue_cas": self.keyvalue,
             "keyvalue_scan": self.keyvalue,
             "keyvalue_ttl": self.keyvalue,
+            "keyvalue_transactional": self.transactions,
             "document_basic": self.documents,
             "document_query": self.documents,
             "document_indexing": self.documents,
@@ -67,9 +83,13 @@ class MongodbPlugin(BackendPlugin):
                 if transactions
                 else "NOT atomic: the deployment has no transactions (ordered bulk writes)"
             ),
-            "keyvalue_transactional": (
-                "not provided: a transaction held across RPCs would make MongoDB block plain "
-                "writes to its keys for its whole lifetime"
+            "transaction_isolation": (
+                "snapshot: a transaction reads one snapshot (taken at its first operation) plus "
+                "its own writes; a write to a key changed since then makes Commit fail with "
+                "TRANSACTION_CONFLICT; a plain write to a key an open transaction wrote waits "
+                "for it to end (MongoDB's rule)"
+                if transactions
+                else "keyvalue_transactional unusable: BeginTransaction is FAILED_PRECONDITION"
             ),
             "text_search": (
                 "scored in the plugin (plugins/runtime/textsearch) over the documents the "
@@ -87,7 +107,13 @@ class MongodbPlugin(BackendPlugin):
             ),
             "expiry": "TTL index on the expiry field plus read-time filtering (plugin clock)",
         }
+        self._reaper = asyncio.create_task(self._reap_forever(), name="mongodb-reaper")
         self._started = True
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(REAP_INTERVAL)
+            await self.transactions.reap()
 
     async def _probe_transactions(self) -> bool:
         probe = self.mongo.db[self.mongo.name("probe")]
@@ -110,6 +136,12 @@ class MongodbPlugin(BackendPlugin):
         return True
 
     async def close(self) -> None:
+        reaper, self._reaper = self._reaper, None
+        if reaper is not None:
+            reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reaper
+        await self.transactions.close()
         await self.mongo.close()
 
     async def check_health(self) -> bool:
