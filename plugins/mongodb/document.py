@@ -2,12 +2,17 @@
 
 Layout: the documents of one (namespace, collection) live in their own MongoDB collection
 `<prefix>doc.n<ns>.<collection>` (the namespace encoded so that any string maps to a distinct,
-legal name), as `{_id: id, b: body, r: revision, ct, ut}` (times in ns since the epoch). Index
-definitions live in `<prefix>doc_indexes`; a VALUE index is also a real MongoDB index named like
-it on `b.<path>`, unique ones with a partialFilterExpression so that documents whose values are
-missing, null or objects are not constrained. Filters and id-ordered pages run on the server
-(docquery.py); sorts on fields, Aggregate and search scoring run here over the matching
-documents, fetched with only the fields they need, with the shared docfilter/textsearch code.
+legal name), as `{_id: id, b: body, r: revision, ct, ut, u}` (times in ns since the epoch).
+Index definitions live in `<prefix>doc_indexes`. A non-unique VALUE index is a MongoDB index on
+`b.<path>...` (speed only). A unique VALUE index cannot be one: MongoDB would index the elements
+of arrays and walk paths through arrays, which the contract leaves unconstrained. So every write
+stores, under `u.<index>`, the index's values when the contract constrains the document (no
+field missing, null, an object or an array; docfilter.unique_key decides) and nothing otherwise,
+and a MongoDB unique index on those values (partial: only documents that have them) enforces the
+constraint atomically with the write; MongoDB's index equality is the contract's (1 equals 1.0,
+true differs from 1). Filters and id-ordered pages run on the server (docquery.py); sorts on
+fields, Aggregate and search scoring run here over the matching documents, fetched with only
+the fields they need, with the shared docfilter/textsearch code.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from prism.interfaces.document.v1 import document_basic_pb2 as basic
 from prism.interfaces.document.v1 import document_indexing_pb2 as indexing
 from prism.interfaces.document.v1 import document_query_pb2 as query
 from prism.interfaces.document.v1 import document_search_pb2 as search
-from pymongo import ReturnDocument
+from pymongo import ReturnDocument, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError, OperationFailure
 
@@ -50,7 +55,8 @@ _INDEX_KINDS = {indexing.INDEX_KIND_VALUE: "value", indexing.INDEX_KIND_TEXT: "t
 _INDEX_KIND_ENUMS = {v: k for k, v in _INDEX_KINDS.items()}
 _SAFE_NS = re.compile(r"[a-z0-9-]")
 _DUP_INDEX = re.compile(r"index: (\S+)")
-_INDEX_NOT_FOUND = 27
+#: IndexNotFound, NamespaceNotFound: nothing to drop
+_NO_INDEX = frozenset({27, 26})
 #: a generated id colliding twice in a row means something is wrong, not bad luck
 _ID_ATTEMPTS = 3
 
@@ -148,6 +154,22 @@ def _body(doc: Doc) -> Any:
     return doc.get("b", {})
 
 
+UniqueIndexes = list[tuple[str, tuple[docfilter.Path, ...]]]
+
+
+def unique_values(body: Any, indexes: UniqueIndexes) -> Doc:
+    """`u` of a document: for each unique index that constrains it, its values by position."""
+    values: Doc = {}
+    for name, paths in indexes:
+        if docfilter.unique_key(body, paths) is not None:
+            values[name] = {f"f{i}": docfilter.resolve(body, p) for i, p in enumerate(paths)}
+    return values
+
+
+def _paths(stored: Doc) -> tuple[docfilter.Path, ...]:
+    return tuple(tuple(p.split(".")) for p, _ in stored["fields"])
+
+
 class MongoDocuments:
     """document_basic, _query, _indexing and _search."""
 
@@ -162,15 +184,24 @@ class MongoDocuments:
         validation.collection(name)
         return self.mongo.db[self.mongo.name(f"doc.n{encode_namespace(ctx.namespace)}.{name}")]
 
+    async def _unique_indexes(self, ctx: CallContext, collection: str) -> UniqueIndexes:
+        """The collection's unique value indexes, read on every write so that an index created
+        by any Prism instance constrains it."""
+        selector = {"ns": ctx.namespace, "c": collection, "unique": True, "kind": "value"}
+        async with self.mongo.call(ctx):
+            specs = await self.indexes.find(selector, {"name": 1, "fields": 1}).to_list()
+        return [(spec["name"], _paths(spec)) for spec in specs]
+
     # document_basic -----------------------------------------------------------------------
     async def insert(self, request: basic.InsertRequest, ctx: CallContext) -> basic.InsertResponse:
         coll = self._coll(ctx, request.collection)
         doc_id = validation.document_id(request.id) if request.id else ""
         body = to_bson(validation.document_json(request.json))
+        unique = unique_values(body, await self._unique_indexes(ctx, request.collection))
         now = time.time_ns()
         for _ in range(_ID_ATTEMPTS):
-            doc = {"_id": doc_id or secrets.token_urlsafe(16), "b": body, "r": 1, "ct": now}
-            doc["ut"] = now
+            doc_fields = {"b": body, "r": 1, "ct": now, "ut": now, "u": unique}
+            doc = {"_id": doc_id or secrets.token_urlsafe(16), **doc_fields}
             try:
                 async with self.mongo.call(ctx):
                     await coll.insert_one(doc)
@@ -206,21 +237,28 @@ class MongoDocuments:
         coll = self._coll(ctx, request.collection)
         doc_id = validation.document_id(request.id)
         body = to_bson(validation.document_json(request.json))
+        unique = unique_values(body, await self._unique_indexes(ctx, request.collection))
         now = time.time_ns()
         selector: Doc = {"_id": doc_id}
         if request.expected_revision:
             selector["r"] = request.expected_revision
-        change: Doc = {"$set": {"b": body, "ut": now}, "$inc": {"r": 1}}
+        change: Doc = {"$set": {"b": body, "ut": now, "u": unique}, "$inc": {"r": 1}}
         upsert = request.allow_missing and not request.expected_revision
         if upsert:
             change["$setOnInsert"] = {"ct": now}
-        try:
-            async with self.mongo.call(ctx):
-                doc = await coll.find_one_and_update(
-                    selector, change, upsert=upsert, return_document=ReturnDocument.AFTER
-                )
-        except DuplicateKeyError as exc:
-            raise _unique_violation(exc, request.collection, doc_id) from exc
+        doc = None
+        for attempt in range(2):
+            try:
+                async with self.mongo.call(ctx):
+                    doc = await coll.find_one_and_update(
+                        selector, change, upsert=upsert, return_document=ReturnDocument.AFTER
+                    )
+                break
+            except DuplicateKeyError as exc:
+                # an upsert racing a concurrent insert of the id: the id exists now, update it
+                if _duplicate_index(exc) == "_id_" and upsert and attempt == 0:
+                    continue
+                raise _unique_violation(exc, request.collection, doc_id) from exc
         if doc is None:
             if request.expected_revision:
                 raise _mismatch(request.collection, doc_id, await self._revision(coll, ctx, doc_id))
@@ -387,54 +425,112 @@ class MongoDocuments:
             "unique": spec.unique,
             "kind": spec.kind,
         }
-        async with self.mongo.call(ctx):
-            existing = await self.indexes.find_one({"_id": stored["_id"]})
-        if existing is None:
-            if kind == "value":
-                await self._create_value_index(coll, ctx, spec, request.collection)
-            try:
-                async with self.mongo.call(ctx):
-                    await self.indexes.insert_one(stored)
-                return indexing.CreateIndexResponse(index=_index_proto(stored), created=True)
-            except DuplicateKeyError:  # created concurrently: compare with that one
-                async with self.mongo.call(ctx):
-                    existing = await self.indexes.find_one({"_id": stored["_id"]})
-        if existing is not None and all(existing[k] == stored[k] for k in stored):
-            return indexing.CreateIndexResponse(index=_index_proto(existing), created=False)
-        raise AlreadyExists(
-            f"index {spec.name!r} exists with another definition",
-            reason="INDEX_EXISTS",
-            index=spec.name,
-            collection=request.collection,
-        )
+        # the definition first, so that writes from now on store the unique values
+        try:
+            async with self.mongo.call(ctx):
+                await self.indexes.insert_one(stored)
+            created = True
+        except DuplicateKeyError:
+            created = False
+            async with self.mongo.call(ctx):
+                existing = await self.indexes.find_one({"_id": stored["_id"]})
+            if existing is None or any(existing[k] != stored[k] for k in stored):
+                raise AlreadyExists(
+                    f"index {spec.name!r} exists with another definition",
+                    reason="INDEX_EXISTS",
+                    index=spec.name,
+                    collection=request.collection,
+                ) from None
+        if kind == "value" and (created or not await self._has_mongo_index(coll, ctx, spec.name)):
+            # a repeated create finishes a build that an unreachable server interrupted
+            await self._build_value_index(coll, ctx, spec, request.collection, stored["_id"])
+        return indexing.CreateIndexResponse(index=_index_proto(stored), created=created)
 
-    async def _create_value_index(
+    async def _backfill(
+        self,
+        coll: AsyncCollection[Doc],
+        ctx: CallContext,
+        spec: docfilter.IndexSpec,
+        only_new: bool,
+    ) -> None:
+        """Store the unique values of documents (`only_new`: those without them yet). Each
+        update is conditional on the revision read, so a concurrent write is never undone."""
+        selector: Doc = {f"u.{spec.name}": {"$exists": False}} if only_new else {}
+        projection = {**docquery.projection(spec.paths), "r": 1}
+        async with self.mongo.call(ctx):
+            rows = await coll.find(selector, projection).to_list()
+        writes = []
+        for row in rows:
+            values = unique_values(_body(row), [(spec.name, spec.paths)])
+            if spec.name in values:
+                change = {"$set": {f"u.{spec.name}": values[spec.name]}}
+                writes.append(UpdateOne({"_id": row["_id"], "r": row["r"]}, change))
+        if writes:
+            async with self.mongo.call(ctx):
+                await coll.bulk_write(writes, ordered=False)
+
+    async def _forget_unique_values(
+        self, coll: AsyncCollection[Doc], ctx: CallContext, name: str
+    ) -> None:
+        async with self.mongo.call(ctx):
+            await coll.update_many({f"u.{name}": {"$exists": True}}, {"$unset": {f"u.{name}": ""}})
+
+    async def _build_value_index(
         self,
         coll: AsyncCollection[Doc],
         ctx: CallContext,
         spec: docfilter.IndexSpec,
         collection: str,
+        stored_id: str,
     ) -> None:
-        keys = [
-            (docquery.field(path), -1 if descending else 1)
-            for path, (_, descending) in zip(spec.paths, spec.fields, strict=True)
-        ]
-        options: Doc = {"name": spec.name}
-        if spec.unique:
-            options["unique"] = True
-            options["partialFilterExpression"] = {
-                docquery.field(p): {"$type": ["number", "string", "bool"]} for p in spec.paths
-            }
-        try:
+        """The MongoDB index behind a VALUE index. For a unique one: store the unique values of
+        the existing documents, build the unique index over them, then catch documents written
+        meanwhile by writers that had not seen the definition yet. Duplicates undo it all."""
+        if not spec.unique:
+            keys = [
+                (docquery.field(path), -1 if descending else 1)
+                for path, (_, descending) in zip(spec.paths, spec.fields, strict=True)
+            ]
             async with self.mongo.call(ctx):
-                await coll.create_index(keys, **options)
+                await coll.create_index(keys, name=spec.name)
+            return
+        try:
+            await self._backfill(coll, ctx, spec, only_new=False)
+            async with self.mongo.call(ctx):
+                await coll.create_index(
+                    [(f"u.{spec.name}.f{i}", 1) for i in range(len(spec.paths))],
+                    name=spec.name,
+                    unique=True,
+                    partialFilterExpression={f"u.{spec.name}": {"$exists": True}},
+                )
+            await self._backfill(coll, ctx, spec, only_new=True)
         except DuplicateKeyError as exc:
+            async with self.mongo.call(ctx):
+                await self.indexes.delete_one({"_id": stored_id})
+            await self._drop_mongo_index(coll, ctx, spec.name)
+            await self._forget_unique_values(coll, ctx, spec.name)
             raise FailedPrecondition(
                 f"existing documents share a value of unique index {spec.name!r}",
                 reason="DUPLICATE_VALUES",
                 index=spec.name,
                 collection=collection,
             ) from exc
+
+    async def _has_mongo_index(
+        self, coll: AsyncCollection[Doc], ctx: CallContext, name: str
+    ) -> bool:
+        async with self.mongo.call(ctx):
+            return name in await coll.index_information()
+
+    async def _drop_mongo_index(
+        self, coll: AsyncCollection[Doc], ctx: CallContext, name: str
+    ) -> None:
+        try:
+            async with self.mongo.call(ctx):
+                await coll.drop_index(name)
+        except OperationFailure as exc:
+            if exc.code not in _NO_INDEX:
+                raise
 
     async def drop_index(
         self, request: indexing.DropIndexRequest, ctx: CallContext
@@ -444,12 +540,10 @@ class MongoDocuments:
             spec = await self.indexes.find_one_and_delete(
                 {"_id": self._index_id(ctx, request.collection, request.name)}
             )
-            if spec is not None and spec["kind"] == "value":
-                try:
-                    await coll.drop_index(spec["name"])
-                except OperationFailure as exc:
-                    if exc.code != _INDEX_NOT_FOUND:
-                        raise
+        if spec is not None and spec["kind"] == "value":
+            await self._drop_mongo_index(coll, ctx, spec["name"])
+            if spec["unique"]:
+                await self._forget_unique_values(coll, ctx, spec["name"])
         if spec is None:
             raise NotFound(
                 f"index {request.name!r} not found",

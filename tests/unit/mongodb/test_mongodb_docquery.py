@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -20,7 +20,7 @@ from plugins.mongodb.document import encode_namespace
 from plugins.mongodb.keyvalue import string_upper_bound
 from plugins.runtime import docfilter
 from plugins.runtime.context import CallContext
-from tests.support.servers import ThrowawayServer, throwaway
+from tests.support.servers import ThrowawayServer
 
 SCALARS: list[Any] = [None, True, False, 0, 1, 1.0, 2.5, -3, 10**20, "", "a", "b", "1", "é", "ab"]
 PATHS = ["a", "b", "n.x", "n.y", "n.0", "n.x.z"]
@@ -74,12 +74,6 @@ def random_filter(rng: random.Random, depth: int = 0) -> dict[str, Any]:
     else:
         operand = rng.choice(SCALARS)
     return {path: {op: operand}}
-
-
-@pytest.fixture(scope="module")
-def mongo_server() -> Iterator[ThrowawayServer]:
-    with throwaway("mongodb") as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
