@@ -8,12 +8,14 @@ from typing import Any, ClassVar
 
 from plugins.nats.connection import NatsConnection, Settings, namespace_token, subject_prefix
 from plugins.nats.pubsub import NatsPubSub
+from plugins.nats.stream import NatsStreams
 from plugins.nats.subscriptions import Subscriptions
 from plugins.runtime.base import BackendPlugin
 from plugins.runtime.errors import InvalidArgument, Unavailable
 
 DEFAULT_SUBJECT_PREFIX = "prism"
 PUBSUB_INTERFACES = ("pubsub_basic", "pubsub_wildcards")
+STREAM_INTERFACES = ("stream_basic",)
 
 
 def _positive(config: Mapping[str, Any], name: str, default: float) -> float:
@@ -59,10 +61,14 @@ class NatsPlugin(BackendPlugin):
         self.subscriptions = Subscriptions()
         self.conn.on_disconnect.append(self._end_live_streams)
         self.pubsub = NatsPubSub(self.conn, self.subscriptions)
+        self.streams = NatsStreams(self.conn)
         self._version = "unknown"
 
     def implementations(self) -> Mapping[str, object]:
-        return dict.fromkeys(PUBSUB_INTERFACES, self.pubsub)
+        return {
+            **dict.fromkeys(PUBSUB_INTERFACES, self.pubsub),
+            **dict.fromkeys(STREAM_INTERFACES, self.streams),
+        }
 
     def _end_live_streams(self) -> None:
         self.subscriptions.end_all(Unavailable("the connection to NATS was lost"))
