@@ -1,0 +1,136 @@
+"""nats-server dies mid-run (SIGKILL) and restarts on the same port and JetStream store dir:
+calls fail fast with UNAVAILABLE, a live subscription ends with UNAVAILABLE instead of silently
+missing messages, health goes NOT_SERVING, and the plugin's background reconnect brings it back
+by itself with every acknowledged stream append intact (same offsets, same payloads)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prism.interfaces.pubsub.v1 import pubsub_basic_pb2 as pubsub
+from prism.interfaces.pubsub.v1.pubsub_basic_pb2_grpc import PubSubBasicServiceStub
+from prism.interfaces.stream.v1 import stream_basic_pb2 as stream
+from prism.interfaces.stream.v1.stream_basic_pb2_grpc import StreamBasicServiceStub
+
+from tests.support.harness import namespaced, running_server
+from tests.support.servers import throwaway
+from tests.support.wait import eventually
+
+SERVICE = "prism.interfaces.stream.v1.StreamBasicService"
+DEADLINE = 3.0
+META = namespaced("faults")
+
+
+async def _health(channel: grpc.aio.Channel) -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    reply = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=2)
+    return int(reply.status)
+
+
+async def _expect_unavailable(call: Awaitable[object]) -> None:
+    """The call fails UNAVAILABLE well before the client's deadline."""
+    started = time.monotonic()
+    try:
+        await call
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+    else:
+        raise AssertionError("a call succeeded while nats-server was down")
+    assert time.monotonic() - started < DEADLINE - 0.5
+
+
+async def _read_all(streams: Any, name: str) -> list[tuple[int, bytes]]:
+    call = streams.Read(stream.ReadRequest(stream=name), metadata=META, timeout=DEADLINE)
+    return [(r.record.offset, r.record.payload) async for r in call]
+
+
+async def test_nats_killed_and_restarted(tmp_path: Path) -> None:
+    with throwaway("nats") as server_proc:
+        config = {"connection": server_proc.url, "request_timeout_seconds": 2}
+        slots = {
+            "stream": {"backend": "nats", "config": config},
+            "pubsub": {"backend": "nats", "config": config},
+        }
+        namespaces = [{"name": "faults", "pattern": "direct", "slots": slots}]
+        async with (
+            running_server({"namespaces": namespaces}, tmp_path, health_interval=0.2) as server,
+            grpc.aio.insecure_channel(server.address) as channel,
+        ):
+            streams = StreamBasicServiceStub(channel)
+            topics = PubSubBasicServiceStub(channel)
+            acknowledged = []
+            for i in range(30):
+                reply = await streams.Append(
+                    stream.AppendRequest(stream="events", payload=b"e%d" % i), metadata=META
+                )
+                acknowledged.append((reply.offset, b"e%d" % i))
+            assert [offset for offset, _ in acknowledged] == list(range(1, 31))
+            assert await _health(channel) == health_pb2.HealthCheckResponse.SERVING
+
+            live = topics.Subscribe(pubsub.SubscribeRequest(topic="alerts"), metadata=META)
+            events = live.__aiter__()
+            first = await asyncio.wait_for(anext(events), DEADLINE)
+            assert first.WhichOneof("event") == "started"
+
+            server_proc.kill()
+
+            try:
+                await asyncio.wait_for(anext(events), DEADLINE)
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+            else:
+                raise AssertionError("the live subscription went on while NATS was down")
+            await _expect_unavailable(
+                streams.Append(
+                    stream.AppendRequest(stream="events", payload=b"lost"),
+                    metadata=META,
+                    timeout=DEADLINE,
+                )
+            )
+            await _expect_unavailable(_read_all(streams, "events"))
+            await _expect_unavailable(
+                topics.Publish(
+                    pubsub.PublishRequest(topic="alerts", payload=b"x"),
+                    metadata=META,
+                    timeout=DEADLINE,
+                )
+            )
+
+            async def health_is(status: int) -> bool:
+                return await _health(channel) == status
+
+            await eventually(
+                lambda: health_is(health_pb2.HealthCheckResponse.NOT_SERVING),
+                message="health did not go NOT_SERVING",
+            )
+
+            server_proc.start()
+
+            async def answers() -> bool:
+                try:
+                    await streams.GetLatestOffset(
+                        stream.GetLatestOffsetRequest(stream="events"),
+                        metadata=META,
+                        timeout=DEADLINE,
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                    return False
+                return True
+
+            await eventually(answers, timeout=20, message="plugin did not recover")
+            await eventually(
+                lambda: health_is(health_pb2.HealthCheckResponse.SERVING),
+                message="health did not come back to SERVING",
+            )
+            assert await _read_all(streams, "events") == acknowledged
+            after = await streams.Append(
+                stream.AppendRequest(stream="events", payload=b"after"), metadata=META
+            )
+            assert after.offset == 31
