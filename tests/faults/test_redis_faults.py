@@ -1,6 +1,7 @@
 """Redis dies mid-run (SIGKILL) and comes back on the same port and data dir: calls fail fast
 with UNAVAILABLE, health goes NOT_SERVING, and the plugin recovers on its own with every
-acknowledged write intact (the throwaway server fsyncs its append-only file on every write)."""
+acknowledged write (keys and queued messages) intact: the throwaway server fsyncs its
+append-only file on every write."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prism.interfaces.keyvalue.v1 import keyvalue_basic_pb2 as basic
 from prism.interfaces.keyvalue.v1.keyvalue_basic_pb2_grpc import KeyValueBasicServiceStub
+from prism.interfaces.queue.v1 import queue_basic_pb2 as queue_pb
+from prism.interfaces.queue.v1.queue_basic_pb2_grpc import QueueBasicServiceStub
 
 from tests.support.harness import namespaced, running_server
 from tests.support.servers import throwaway
@@ -21,6 +24,7 @@ if TYPE_CHECKING:
     from prism.interfaces.keyvalue.v1.keyvalue_basic_pb2_grpc import (
         KeyValueBasicServiceAsyncStub,
     )
+    from prism.interfaces.queue.v1.queue_basic_pb2_grpc import QueueBasicServiceAsyncStub
 
 SERVICE = "prism.interfaces.keyvalue.v1.KeyValueBasicService"
 CALL_DEADLINE = 3.0
@@ -47,12 +51,14 @@ async def _get(kv: KeyValueBasicServiceAsyncStub, key: str) -> basic.GetResponse
 async def test_redis_killed_and_restarted(tmp_path: Path) -> None:
     with throwaway("redis") as db:
         slot = {"backend": "redis", "config": {"connection": db.url, "key_prefix": "fault:"}}
-        config = {"namespaces": [{"name": "ns1", "pattern": "direct", "slots": {"keyvalue": slot}}]}
+        slots = {"keyvalue": slot, "queue": slot}
+        config = {"namespaces": [{"name": "ns1", "pattern": "direct", "slots": slots}]}
         async with (
             running_server(config, tmp_path, health_interval=0.2) as server,
             grpc.aio.insecure_channel(server.address) as channel,
         ):
             kv: KeyValueBasicServiceAsyncStub = KeyValueBasicServiceStub(channel)
+            queue: QueueBasicServiceAsyncStub = QueueBasicServiceStub(channel)
             health = health_pb2_grpc.HealthStub(channel)
             acknowledged = {}
             for i in range(50):
@@ -60,6 +66,12 @@ async def test_redis_killed_and_restarted(tmp_path: Path) -> None:
                     basic.SetRequest(key=f"k{i}", value=f"v{i}".encode()), metadata=META
                 )
                 acknowledged[f"k{i}"] = (f"v{i}".encode(), reply.revision)
+            enqueued = set()
+            for i in range(20):
+                sent = await queue.Enqueue(
+                    queue_pb.EnqueueRequest(queue="jobs", payload=b"%d" % i), metadata=META
+                )
+                enqueued.add(sent.message_id)
             assert await _status(health) == health_pb2.HealthCheckResponse.SERVING
 
             db.kill()
@@ -68,6 +80,8 @@ async def test_redis_killed_and_restarted(tmp_path: Path) -> None:
                 kv.Get(basic.GetRequest(key="k1"), metadata=META, timeout=CALL_DEADLINE),
                 kv.Set(basic.SetRequest(key="lost", value=b"x"), metadata=META,
                        timeout=CALL_DEADLINE),
+                queue.Enqueue(queue_pb.EnqueueRequest(queue="jobs"), metadata=META,
+                              timeout=CALL_DEADLINE),
             ):  # fmt: skip
                 started = time.monotonic()
                 try:
@@ -93,6 +107,10 @@ async def test_redis_killed_and_restarted(tmp_path: Path) -> None:
                 got = await _get(kv, key)
                 assert got is not None and got.found, key
                 assert (got.value, got.revision) == (value, revision)
+            peeked = await queue.Peek(
+                queue_pb.PeekRequest(queue="jobs", max_messages=100), metadata=META
+            )
+            assert {m.message_id for m in peeked.messages} == enqueued
             after = await kv.Set(basic.SetRequest(key="k0", value=b"new"), metadata=META)
             assert after.revision > max(r for _, r in acknowledged.values())
 
