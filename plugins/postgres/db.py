@@ -18,7 +18,7 @@ import logging
 import time
 import weakref
 from collections.abc import AsyncIterator
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import psycopg
 from psycopg import AsyncConnection, errors
@@ -87,30 +87,38 @@ class Database:
     ) -> None:
         self.op_timeout = op_timeout
         self.connect_timeout = connect_timeout
-        self.pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
-            conninfo,
-            kwargs={
-                "autocommit": True,
-                "connect_timeout": max(1, round(connect_timeout)),
-                "options": f"-c lock_timeout={int(lock_timeout_ms)}",
-                "application_name": "prism",
-            },
-            min_size=min_size,
-            max_size=max_size,
-            open=False,
-            check=self._check,
-            timeout=op_timeout,
-            # Give up background reconnects quickly: the pool then grows again on the next
-            # request, so a restarted server is picked up at once rather than after a long
-            # exponential backoff.
-            reconnect_timeout=connect_timeout,
-            name="prism-postgres",
-        )
+        self.conninfo = conninfo
+        self.connect_kwargs: dict[str, Any] = {
+            "autocommit": True,
+            "connect_timeout": max(1, round(connect_timeout)),
+            "options": f"-c lock_timeout={int(lock_timeout_ms)}",
+            "application_name": "prism",
+        }
+        self.min_size = min_size
+        self.max_size = max_size
+        self.pool = self._new_pool()
         self._last_used: weakref.WeakKeyDictionary[Conn, float] = weakref.WeakKeyDictionary()
         self._opened = False
         self._migrated = False
         self._migrate_lock = asyncio.Lock()
         self.server_version = ""
+
+    def _new_pool(self) -> AsyncConnectionPool[Conn]:
+        """An unopened pool (a closed pool cannot be reopened, so close() makes a new one)."""
+        return AsyncConnectionPool(
+            self.conninfo,
+            kwargs=self.connect_kwargs,
+            min_size=self.min_size,
+            max_size=self.max_size,
+            open=False,
+            check=self._check,
+            timeout=self.op_timeout,
+            # Give up background reconnects quickly: the pool then grows again on the next
+            # request, so a restarted server is picked up at once rather than after a long
+            # exponential backoff.
+            reconnect_timeout=self.connect_timeout,
+            name="prism-postgres",
+        )
 
     async def _check(self, conn: Conn) -> None:
         if time.monotonic() - self._last_used.get(conn, 0.0) > FRESH_SECONDS:
@@ -126,7 +134,8 @@ class Database:
     async def close(self) -> None:
         if self._opened:
             self._opened = False
-            await self.pool.close(timeout=5.0)
+            pool, self.pool = self.pool, self._new_pool()
+            await pool.close(timeout=5.0)
 
     async def _ensure_migrated(self, limit: float) -> None:
         if self._migrated:
@@ -169,6 +178,18 @@ class Database:
         try:
             async with asyncio.timeout(limit):
                 return await self.pool.getconn(timeout=limit)
+        except DRIVER_ERRORS as exc:
+            translate(exc, limit)
+
+    async def connect(self, limit: float) -> Conn:
+        """A new connection outside the pool (a LISTEN session lives as long as its listener);
+        the caller closes it."""
+        if not self._opened:
+            raise Unavailable("postgres plugin is not started", backend="postgres")
+        await self._ensure_migrated(limit)
+        try:
+            async with asyncio.timeout(limit):
+                return await AsyncConnection.connect(self.conninfo, **self.connect_kwargs)
         except DRIVER_ERRORS as exc:
             translate(exc, limit)
 

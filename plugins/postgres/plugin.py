@@ -1,5 +1,5 @@
-"""PostgresPlugin: KeyValue, Document and Queue on PostgreSQL through psycopg 3 (async) and
-psycopg_pool."""
+"""PostgresPlugin: KeyValue, Document, Queue and PubSub on PostgreSQL through psycopg 3
+(async) and psycopg_pool."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 from plugins.postgres.db import Conn, Database
 from plugins.postgres.document import PostgresDocuments
 from plugins.postgres.keyvalue import TX_ISOLATION, PostgresKeyValue
+from plugins.postgres.pubsub import PostgresPubSub
 from plugins.postgres.queue import PostgresQueue
 from plugins.runtime.base import BackendPlugin
 from plugins.runtime.context import CallContext
@@ -47,8 +48,8 @@ def _number(config: Mapping[str, Any], name: str) -> float:
 
 
 class PostgresPlugin(BackendPlugin):
-    """KeyValue, Document and Queue interfaces on one PostgreSQL database, partitioned by
-    namespace."""
+    """KeyValue, Document, Queue and PubSub interfaces on one PostgreSQL database, partitioned
+    by namespace."""
 
     name: ClassVar[str] = "postgres"
 
@@ -78,6 +79,7 @@ class PostgresPlugin(BackendPlugin):
         self.keyvalue = PostgresKeyValue(self.db, max_transactions=max_transactions)
         self.documents = PostgresDocuments(self.db)
         self.queue = PostgresQueue(self.db)
+        self.pubsub = PostgresPubSub(self.db)
         self._sweeper: asyncio.Task[None] | None = None
 
     def implementations(self) -> Mapping[str, object]:
@@ -97,6 +99,8 @@ class PostgresPlugin(BackendPlugin):
             "queue_dead_letter": self.queue,
             "queue_delayed": self.queue,
             "queue_priority": self.queue,
+            "pubsub_basic": self.pubsub,
+            "pubsub_wildcards": self.pubsub,
         }
 
     async def start(self) -> None:
@@ -111,6 +115,7 @@ class PostgresPlugin(BackendPlugin):
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
         await self.keyvalue.close()
+        await self.pubsub.close()
         await self.db.close()
 
     async def check_health(self) -> bool:
@@ -120,13 +125,16 @@ class PostgresPlugin(BackendPlugin):
         return {
             "server_version": self.db.server_version,
             "transaction_isolation": ISOLATION,
-            "pool": f"{self.db.pool.min_size}..{self.db.pool.max_size} connections",
+            "pool": f"{self.db.min_size}..{self.db.max_size} connections",
         }
 
     async def sweep(self) -> int:
-        """Reclaim expired rows and roll back idle transactions now; returns rows deleted."""
+        """Reclaim expired keys, spilled pub/sub messages and idle transactions now; returns
+        the expired keys deleted."""
         await self.keyvalue.purge_idle_transactions()
         ctx = CallContext(namespace="")
+        async with self.db.connection(ctx) as conn:
+            await self.pubsub.sweep(conn)
         total = 0
         while True:
             async with self.db.connection(ctx) as conn:

@@ -89,6 +89,14 @@ MIGRATIONS: list[tuple[LiteralString, ...]] = [
             PRIMARY KEY (ns, queue)
         )""",
     ),
+    # 4: published messages too large for a NOTIFY payload, read by listeners and swept soon
+    (
+        """CREATE TABLE prism_pubsub_spill (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            body bytea NOT NULL,
+            created timestamptz NOT NULL DEFAULT statement_timestamp()
+        )""",
+    ),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -49,7 +49,7 @@ async def _expect_unavailable(call: Awaitable[object]) -> None:
 
 async def test_postgres_killed_and_restarted(tmp_path: Path) -> None:
     with throwaway("postgres") as db:
-        slot = {"backend": "postgres", "config": {"connection": db.url, "timeout_seconds": 2}}
+        slot = {"backend": "postgres", "config": {"connection": db.url, "timeout_seconds": 1}}
         config = {
             "namespaces": [{"name": "faults", "pattern": "direct", "slots": {"keyvalue": slot}}]
         }

@@ -180,6 +180,25 @@ class PostgresServer(ThrowawayServer):
         self._clear_stale_locks()
         super().start()
 
+    def kill(self) -> None:
+        """Crash the whole cluster at once. Every backend is its own process group leader, so
+        the group kill alone would leave backends answering queries until they notice the
+        postmaster is gone: freeze the postmaster (no new forks), SIGKILL its children, then it."""
+        postmaster = self._postmaster_pid()
+        if postmaster is not None and self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(postmaster, signal.SIGSTOP)
+                for child in _children(postmaster):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child, signal.SIGKILL)
+                os.kill(postmaster, signal.SIGKILL)
+        super().kill()
+
+    def _postmaster_pid(self) -> int | None:
+        with contextlib.suppress(FileNotFoundError, ValueError, IndexError):
+            return int((self.datadir / "postmaster.pid").read_text().split()[0])
+        return None
+
     def _clear_stale_locks(self) -> None:
         """After kill() the dead postmaster (not our child: runuser's) lingers as a zombie until
         init reaps it, and postgres takes a zombie's pid in its lock files for a live server."""
@@ -201,6 +220,16 @@ class PostgresServer(ThrowawayServer):
             "-k", str(self.workdir), "-c", "listen_addresses=127.0.0.1",
             "-c", "max_connections=200", "-c", "shared_buffers=64MB",
         ])  # fmt: skip
+
+
+def _children(pid: int) -> list[int]:
+    """Pids whose parent is `pid` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
 
 
 class ExternalMongo(ThrowawayServer):
