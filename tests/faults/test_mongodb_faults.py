@@ -55,7 +55,7 @@ async def _expect_unavailable(call: Awaitable[object]) -> None:
 
 async def test_mongodb_killed_and_restarted(tmp_path: Path) -> None:
     with throwaway("mongodb") as db:
-        slot = {"backend": "mongodb", "config": {"connection": db.url, "timeout_seconds": 2}}
+        slot = {"backend": "mongodb", "config": {"connection": db.url, "timeout_seconds": 1}}
         config = {
             "namespaces": [
                 {
