@@ -16,7 +16,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
 from grpc_status import rpc_status
 
-NAMESPACE_HEADER = "x-prism-namespace"
+from plugins.runtime.grpc_adapter import NAMESPACE_HEADER
 
 CaseFn = Callable[["Target"], Awaitable[None]]
 F = TypeVar("F", bound=CaseFn)
