@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from plugins.nats.connection import NatsConnection, Settings, namespace_token, subject_prefix
+from plugins.nats.groups import NatsConsumerGroups
 from plugins.nats.pubsub import NatsPubSub
 from plugins.nats.stream import NatsStreams
 from plugins.nats.subscriptions import Subscriptions
@@ -62,6 +63,7 @@ class NatsPlugin(BackendPlugin):
         self.conn.on_disconnect.append(self._end_live_streams)
         self.pubsub = NatsPubSub(self.conn, self.subscriptions)
         self.streams = NatsStreams(self.conn)
+        self.groups = NatsConsumerGroups(self.conn, self.streams.jetstreams)
         self._version = "unknown"
 
     def implementations(self) -> Mapping[str, object]:
