@@ -28,6 +28,13 @@ _JSON_VALUE_SQL = "(CASE WHEN jsonb_typeof({v}) IN ('number', 'boolean') THEN {v
 _TEXT_VALUE_SQL = "(CASE WHEN jsonb_typeof({v}) = 'string' THEN ({v} #>> '{{}}') COLLATE \"C\" END)"
 
 
+def _nested(path: docfilter.Path, leaf: Any) -> Any:
+    """{"a": {"b": leaf}} for the path ("a", "b")."""
+    for name in reversed(path):
+        leaf = {name: leaf}
+    return leaf
+
+
 def dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
@@ -62,28 +69,36 @@ class Sql:
     def _condition(self, c: Condition) -> str:
         v = self.value(c.path)
         if c.op == "$eq":
-            return self._eq(v, c.operand)
+            return self._eq(c.path, v, c.operand)
         if c.op == "$ne":
-            return f"(NOT coalesce({self._eq(v, c.operand)}, false))"
+            return f"(NOT coalesce({self._eq(c.path, v, c.operand)}, false))"
         if c.op == "$exists":
             return f"({v} IS {'NOT ' if c.operand else ''}NULL)"
         if c.op in _CMP_SQL:
             return self._compare(v, _CMP_SQL[c.op], c.operand)
         if not c.operand:  # $in / $all of nothing match nothing; $nin of nothing everything
             return "true" if c.op == "$nin" else "false"
-        parts = [f"coalesce({self._eq(v, x)}, false)" for x in c.operand]
+        parts = [f"coalesce({self._eq(c.path, v, x)}, false)" for x in c.operand]
         if c.op == "$all":
             return "(" + " AND ".join(parts) + ")"
         any_of = "(" + " OR ".join(parts) + ")"
         return any_of if c.op == "$in" else f"(NOT {any_of})"
 
-    def _eq(self, v: str, operand: Any) -> str:
-        """{"$eq": operand}: equal, or an array with an equal element (one level deep: JSONB
-        containment of a one-element array does not look into nested arrays)."""
-        element = f"(jsonb_typeof({v}) = 'array' AND {v} @> {self.p(dumps([operand]), '::jsonb')})"
+    def _eq(self, path: docfilter.Path, v: str, operand: Any) -> str:
+        """{"$eq": operand} on the value `v` at `path`: equal, or an array with an equal
+        element, one level deep.
+
+        For a non-null operand this is exactly JSONB containment of {path: operand} or
+        {path: [operand]}: below the top level a scalar is contained only in an equal scalar
+        and an array only in an array holding each element (arrays of arrays are not looked
+        into), objects only in objects (so paths never cross arrays), and numbers compare
+        numerically. Containment is what the GIN index over the bodies serves."""
         if operand is None:
+            element = f"(jsonb_typeof({v}) = 'array' AND {v} @> '[null]'::jsonb)"
             return f"({v} IS NULL OR {v} = 'null'::jsonb OR {element})"
-        return f"({v} = {self.p(dumps(operand), '::jsonb')} OR {element})"
+        scalar = self.p(dumps(_nested(path, operand)), "::jsonb")
+        element = self.p(dumps(_nested(path, [operand])), "::jsonb")
+        return f"(body @> {scalar} OR body @> {element})"
 
     def _compare(self, v: str, op: str, operand: Any) -> str:
         """The value, or an element of it, is of the operand's kind and compares as asked."""
