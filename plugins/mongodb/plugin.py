@@ -68,8 +68,8 @@ class MongodbPlugin(BackendPlugin):
             hello = await self.mongo.client.admin.command("hello")
             await self.keyvalue.prepare()
             await self.documents.prepare()
-            transactions = await self._probe_transactions()
             text_index = await self._probe_text_index()
+            transactions = await self._probe_transactions()
         self.keyvalue.transactions = transactions
         self.mongo.server_version = str(info.get("version", ""))
         self.facts = {
@@ -128,6 +128,9 @@ class MongodbPlugin(BackendPlugin):
 
     async def _probe_text_index(self) -> bool:
         probe = self.mongo.db[self.mongo.name("probe")]
+        # the collection must exist before the transaction probe (older servers cannot create
+        # collections inside a transaction)
+        await probe.update_one({"_id": "probe"}, {"$set": {"probe": True}}, upsert=True)
         try:
             await probe.create_index([("t", "text")], name="prism_text_probe")
         except OperationFailure:
