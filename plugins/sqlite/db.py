@@ -122,6 +122,11 @@ class Database:
             self._reader_conns.clear()
 
     @property
+    def readers(self) -> int:
+        """Reader threads, so a benchmark can size its baseline pool the same way."""
+        return self._readers
+
+    @property
     def is_open(self) -> bool:
         return self._writer is not None and self._writer.is_alive()
 

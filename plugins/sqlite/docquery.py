@@ -1,12 +1,19 @@
-"""The shared filter AST (plugins/runtime/docfilter.py) and sort order, as parameterized SQL.
+"""The shared filter AST (plugins/runtime/docfilter.py) and sort order, as SQL.
 
-Every value and JSON path is a bound parameter; only fixed SQL fragments are concatenated.
-Each condition is wrapped in IFNULL(..., 0) so it is always 0 or 1: SQL's three-valued logic
-would otherwise turn `$not` / `$ne` of a missing field into "unknown" and drop the row.
+Every value is a bound parameter. JSON paths are inlined as quoted string literals (validated by
+`json_path`, quoted by `sql_literal`): SQLite matches an expression index only against the same
+expression spelt with the same literal path, never against a bound one. Each condition is wrapped
+in IFNULL(..., 0) so it is always 0 or 1: SQL's three-valued logic would otherwise turn `$not` /
+`$ne` of a missing field into "unknown" and drop the row.
+
+Conditions on JSON cannot use an index by themselves (equality must also match array elements, so
+it is an OR with a json_each scan), so `Sql.index_driver` rewrites one top-level condition on an
+indexed field as a rowid set taken from that index; the whole filter is still checked per row.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterator
 from typing import Any
 
 from plugins.runtime import docfilter
@@ -14,6 +21,7 @@ from plugins.runtime.docfilter import And, Condition, Node, Not, SortKey, SortSp
 from plugins.runtime.errors import InvalidArgument
 
 NUMBER_TYPES = "('integer', 'real')"
+SCALAR_TYPES = "('integer', 'real', 'text', 'true', 'false')"
 NULL_ELEMENT = "type = 'null'"
 _CMP_SQL = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
 _RANK_SQL = (
@@ -24,6 +32,9 @@ _VALUE_SQL = (
     "CASE WHEN json_type(body, {p}) IN ('array', 'object') THEN NULL "
     "ELSE json_extract(body, {p}) END"
 )
+#: preference among conditions that could drive a query from an index (lower first): equality
+#: on a string or number usually selects a few rows, a boolean often half the collection
+_EQ_VALUE, _IN_VALUES, _RANGE, _EQ_BOOL = range(4)
 
 
 def json_path(path: docfilter.Path, field: str = "filter") -> str:
@@ -35,6 +46,36 @@ def json_path(path: docfilter.Path, field: str = "filter") -> str:
         if '"' in name:
             raise InvalidArgument(field, f"field name {name!r}: '\"' is not supported by sqlite")
     return "$" + "".join(f'."{name}"' for name in path)
+
+
+def sql_literal(text: str) -> str:
+    """A SQL string literal, for what SQLite must see written out: DDL (which takes no bound
+    parameters) and the paths and scopes of queries that must spell an index's terms."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def path_literal(path: docfilter.Path, field: str = "filter") -> str:
+    return sql_literal(json_path(path, field))
+
+
+def kind_sql(path: str) -> str:
+    """The JSON type at `path` (a literal) with integer and real as one 'number': the first
+    column a value index keeps per field, so 1 and 1.0 index alike and `true`, 1 and "1" apart."""
+    return (
+        f"(CASE json_type(body, {path}) WHEN 'integer' THEN 'number' "
+        f"WHEN 'real' THEN 'number' ELSE json_type(body, {path}) END)"
+    )
+
+
+def value_sql(path: str) -> str:
+    """The second column a value index keeps per field."""
+    return f"json_extract(body, {path})"
+
+
+def scope_sql(ns: str, collection: str) -> str:
+    """The partial-index WHERE of the collection's value indexes, and the scope of a query
+    that must be answered from them (SQLite needs the same terms, literally)."""
+    return f"ns = {sql_literal(ns)} AND collection = {sql_literal(collection)}"
 
 
 class Sql:
@@ -63,7 +104,7 @@ class Sql:
         return "(" + joiner.join(self.where(c) for c in node.children) + ")"
 
     def _condition(self, c: Condition) -> str:
-        path = self.p(json_path(c.path))
+        path = path_literal(c.path)
         if c.op == "$eq":
             return self._eq(path, c.operand)
         if c.op == "$ne":
@@ -97,10 +138,67 @@ class Sql:
         scalar = f"(json_type(body, {path}) IN {types} AND json_extract(body, {path}) {op} {value})"
         return f"({scalar} OR {_element(path, f'type IN {types} AND value {op} {value}')})"
 
+    # -- index use ---------------------------------------------------------------------------
+
+    def index_driver(
+        self, node: Node, indexed: Collection[docfilter.Path], scope: str
+    ) -> str | None:
+        """`rowid IN (...)` answering one top-level condition of `node` on an `indexed` path
+        (the leading field of a usable value index) from that index, or None when none can.
+
+        One UNION ALL arm per value kind the condition can match as a scalar, spelt as the
+        index's (kind, value) columns, plus one arm for array values (the index's kind
+        'array'), each under `scope`, the index's partial WHERE."""
+        best: tuple[int, Condition, list[str]] | None = None
+        for c in _conjuncts(node):
+            if isinstance(c, Condition) and c.path in indexed:
+                found = self._scalar_arms(c)
+                if found is not None and (best is None or found[0] < best[0]):
+                    best = (found[0], c, found[1])
+        if best is None:
+            return None
+        _, c, scalar_arms = best
+        path = path_literal(c.path)
+        arms = [*scalar_arms, f"{kind_sql(path)} = 'array' AND {self.where(c)}"]
+        selects = " UNION ALL ".join(f"SELECT rowid FROM docs WHERE {scope} AND {a}" for a in arms)
+        return f"rowid IN ({selects})"
+
+    def _scalar_arms(self, c: Condition) -> tuple[int, list[str]] | None:
+        """(preference, index-shaped conditions on the scalar values `c` matches), or None
+        when `c` cannot be answered that way (null operands, negations, $exists, $all)."""
+        path = path_literal(c.path)
+        kind, value = kind_sql(path), value_sql(path)
+        if c.op in _CMP_SQL:
+            return _RANGE, [
+                f"{kind} = {_kind(c.operand)} AND {value} {_CMP_SQL[c.op]} {self.p(c.operand)}"
+            ]
+        operands: tuple[Any, ...]
+        if c.op == "$eq":
+            operands = (c.operand,)
+        elif c.op == "$in" and c.operand:
+            operands = c.operand
+        else:
+            return None
+        if any(v is None for v in operands):
+            return None
+        arms = [
+            f"{kind} = '{'true' if v else 'false'}'"
+            for v in dict.fromkeys(v for v in operands if isinstance(v, bool))
+        ]
+        for name in ("'text'", "'number'"):
+            same = [v for v in operands if not isinstance(v, bool) and _kind(v) == name]
+            if same:
+                arms.append(
+                    f"{kind} = {name} AND {value} IN ({', '.join(self.p(v) for v in same)})"
+                )
+        if c.op == "$in":
+            return _IN_VALUES, arms
+        return (_EQ_BOOL if isinstance(c.operand, bool) else _EQ_VALUE), arms
+
     # -- sort --------------------------------------------------------------------------------
 
     def _sort_exprs(self, path: docfilter.Path) -> tuple[str, str]:
-        jp = self.p(json_path(path, "sort"))
+        jp = path_literal(path, "sort")
         return _RANK_SQL.format(p=jp), _VALUE_SQL.format(p=jp)
 
     def order_by(self, spec: SortSpec) -> str:
@@ -142,3 +240,17 @@ def _element(path: str, test: str) -> str:
         f"(json_type(body, {path}) = 'array' AND EXISTS "
         f"(SELECT 1 FROM json_each(body, {path}) WHERE {test}))"
     )
+
+
+def _kind(operand: Any) -> str:
+    """The index kind (see `kind_sql`) of a string or number operand."""
+    return "'number'" if isinstance(operand, int | float) else "'text'"
+
+
+def _conjuncts(node: Node) -> Iterator[Node]:
+    """The nodes every match must satisfy: `node`, or its children through nested $and."""
+    if isinstance(node, And):
+        for child in node.children:
+            yield from _conjuncts(child)
+    else:
+        yield node

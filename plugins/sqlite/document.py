@@ -31,11 +31,18 @@ from plugins.runtime.errors import (
     NotFound,
 )
 from plugins.sqlite.db import Database
-from plugins.sqlite.docquery import Sql, json_path
+from plugins.sqlite.docquery import (
+    SCALAR_TYPES,
+    Sql,
+    json_path,
+    kind_sql,
+    path_literal,
+    scope_sql,
+    value_sql,
+)
 
 INDEX_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,62}")
 MAX_INDEX_FIELDS = 16
-SCALAR_TYPES = "('integer', 'real', 'text', 'true', 'false')"
 _SQL_INDEX_RE = re.compile(r"index '([^']+)'")
 
 DOC_COLUMNS = "id, body, revision, create_time, update_time"
@@ -46,11 +53,6 @@ ACCUMULATOR_NAMES = {
     query_pb.ACCUMULATOR_OP_MAX: "max",
     query_pb.ACCUMULATOR_OP_AVG: "avg",
 }
-
-
-def sql_literal(text: str) -> str:
-    """A SQL string literal, for the few places SQLite takes no bound parameter (index DDL)."""
-    return "'" + text.replace("'", "''") + "'"
 
 
 def to_document(row: sqlite3.Row | tuple[Any, ...]) -> basic_pb.Document:
@@ -160,6 +162,40 @@ def _write(
     return to_document((doc_id, text, revision, create_time, now))
 
 
+def select_statement(
+    conn: sqlite3.Connection,
+    ns: str,
+    collection: str,
+    node: docfilter.Node,
+    columns: str = DOC_COLUMNS,
+    spec: docfilter.SortSpec | None = None,
+    after: docfilter.SortKey | None = None,
+    limit: int = -1,
+    words: str | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """One SELECT of the collection's rows matching `node` (and the FTS5 query `words`), in
+    `spec` order after `after`, driven by the FTS5 match or else by a value index when a
+    condition allows (see Sql.index_driver); `conn` supplies the index definitions."""
+    sql = Sql()
+    driver: str | None
+    if words is not None:
+        driver = f"rowid IN (SELECT rowid FROM doc_words WHERE text MATCH {sql.p(words)})"
+    else:
+        indexed = _indexed_paths(conn, ns, collection)
+        driver = sql.index_driver(node, indexed, scope_sql(ns, collection))
+    # With a driver, the unary + keeps SQLite from scanning an index of the whole collection
+    # instead of looking up the driver's rowids.
+    head = "ns = :ns AND collection = :collection"
+    if driver is not None:
+        head = f"{driver} AND +ns = :ns AND +collection = :collection"
+    where = sql.where(node)
+    if spec is not None and after is not None:
+        where += " AND " + sql.after(spec, after)
+    order = f" ORDER BY {sql.order_by(spec)}" if spec is not None else ""
+    statement = f"SELECT {columns} FROM docs WHERE {head} AND {where}{order} LIMIT :limit"
+    return statement, {**sql.params, "ns": ns, "collection": collection, "limit": limit}
+
+
 class SqliteDocuments:
     """document_basic, _query, _search and _indexing."""
 
@@ -266,21 +302,13 @@ class SqliteDocuments:
         limit: int = -1,
         words: str | None = None,
     ) -> list[tuple[Any, ...]]:
-        """Rows of the collection matching `node` (and the FTS5 query `words`), in `spec`
-        order after `after`."""
-        sql = Sql()
-        where = sql.where(node)
-        if words is not None:
-            where += f" AND rowid IN (SELECT rowid FROM doc_words WHERE text MATCH {sql.p(words)})"
-        if spec is not None and after is not None:
-            where += " AND " + sql.after(spec, after)
-        order = f" ORDER BY {sql.order_by(spec)}" if spec is not None else ""
-        statement = (
-            f"SELECT {columns} FROM docs WHERE ns = :ns AND collection = :collection "
-            f"AND {where}{order} LIMIT :limit"
-        )
-        params = {**sql.params, "ns": ctx.namespace, "collection": collection, "limit": limit}
-        return await self.db.read(lambda c: c.execute(statement, params).fetchall())
+        def job(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            statement, params = select_statement(
+                conn, ctx.namespace, collection, node, columns, spec, after, limit, words
+            )
+            return conn.execute(statement, params).fetchall()
+
+        return await self.db.read(job)
 
     async def find(self, request: query_pb.FindRequest, ctx: CallContext) -> query_pb.FindResponse:
         collection = validation.collection(request.collection)
@@ -513,6 +541,19 @@ class SqliteDocuments:
         return index_pb.ListIndexesResponse(indexes=indexes, next_page_token=token)
 
 
+def _indexed_paths(conn: sqlite3.Connection, ns: str, collection: str) -> set[docfilter.Path]:
+    """Leading fields of the collection's non-unique value indexes: a unique index leaves out
+    documents whose indexed values are arrays, which an equality must still find."""
+    paths = set()
+    for (definition,) in conn.execute(
+        "SELECT definition FROM doc_indexes WHERE ns = ? AND collection = ?", (ns, collection)
+    ):
+        index = index_pb.Index.FromString(definition)
+        if index.kind == index_pb.INDEX_KIND_VALUE and not index.unique:
+            paths.add(tuple(index.fields[0].path.split(".")))
+    return paths
+
+
 def _sort_spec(fields: Iterable[query_pb.SortField]) -> docfilter.SortSpec:
     spec = docfilter.parse_sort([(f.field, f.descending) for f in fields])
     for i, (path, _) in enumerate(spec.fields):
@@ -554,15 +595,11 @@ def _index_ddl(sql_name: str, ns: str, collection: str, index: index_pb.Index) -
     columns = ["ns", "collection"]
     scalar_checks = []
     for f in index.fields:
-        path = sql_literal(json_path(tuple(f.path.split("."))))
+        path = path_literal(tuple(f.path.split(".")))
         order = " DESC" if f.descending else ""
-        columns.append(
-            f"(CASE json_type(body, {path}) WHEN 'integer' THEN 'number' "
-            f"WHEN 'real' THEN 'number' ELSE json_type(body, {path}) END){order}"
-        )
-        columns.append(f"json_extract(body, {path}){order}")
+        columns += [kind_sql(path) + order, value_sql(path) + order]
         scalar_checks.append(f"json_type(body, {path}) IN {SCALAR_TYPES}")
-    where = f"ns = {sql_literal(ns)} AND collection = {sql_literal(collection)}"
+    where = scope_sql(ns, collection)
     if index.unique:
         where += " AND " + " AND ".join(scalar_checks)
     unique = "UNIQUE " if index.unique else ""

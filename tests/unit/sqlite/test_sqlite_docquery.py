@@ -1,21 +1,26 @@
 """The SQL translation of the shared filter AST and sort order must agree with the reference
-evaluator (plugins.runtime.docfilter) on every document; checked on random data and filters."""
+evaluator (plugins.runtime.docfilter) on every document; checked on random data and filters,
+without indexes and with value indexes that let conditions be answered from an index. Equality
+on an indexed path must be planned as an index search, not a scan."""
 
 from __future__ import annotations
 
 import json
 import random
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prism.interfaces.document.v1 import document_basic_pb2 as basic_pb
+from prism.interfaces.document.v1 import document_indexing_pb2 as index_pb
 from prism.interfaces.document.v1 import document_query_pb2 as query_pb
 
 from plugins.runtime import docfilter
 from plugins.runtime.context import CallContext
 from plugins.sqlite import SqlitePlugin
+from plugins.sqlite.document import select_statement
 
 SCALARS: list[Any] = [None, True, False, 0, 1, 1.0, 2.5, -3, 10**20, "", "a", "b", "1", "é", "ab"]
 PATHS = ["a", "b", "n.x", "n.y"]
@@ -69,9 +74,22 @@ async def plugin(tmp_path: Path) -> AsyncIterator[SqlitePlugin]:
     await p.close()
 
 
-async def test_filters_and_sort_agree_with_reference(plugin: SqlitePlugin) -> None:
+async def create_index(plugin: SqlitePlugin, name: str, paths: list[str], ctx: CallContext) -> None:
+    index = index_pb.Index(name=name, fields=[index_pb.IndexField(path=p) for p in paths])
+    await plugin.documents.create_index(
+        index_pb.CreateIndexRequest(collection="c", index=index), ctx
+    )
+
+
+@pytest.mark.parametrize("indexed", [False, True], ids=["scan", "indexed"])
+async def test_filters_and_sort_agree_with_reference(plugin: SqlitePlugin, indexed: bool) -> None:
     rng = random.Random(1234)
     ctx = CallContext(namespace="ns")
+    if indexed:
+        # every path leads some index; "b" only behind "a" in a second, so "b" stays a scan
+        await create_index(plugin, "by_a_b", ["a", "b"], ctx)
+        await create_index(plugin, "by_nx", ["n.x"], ctx)
+        await create_index(plugin, "by_ny", ["n.y"], ctx)
     bodies: dict[str, dict[str, Any]] = {}
     for i in range(60):
         body = random_body(rng)
@@ -113,3 +131,42 @@ async def test_filters_and_sort_agree_with_reference(plugin: SqlitePlugin) -> No
             query_pb.CountRequest(collection="c", filter=json.dumps(flt)), ctx
         )
         assert count.count == len(expected), flt
+
+
+def plan(conn: sqlite3.Connection, flt: dict[str, Any]) -> list[str]:
+    statement, params = select_statement(
+        conn, "ns", "c", docfilter.parse_filter(json.dumps(flt)), limit=20
+    )
+    return [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + statement, params)]
+
+
+async def test_equality_on_an_indexed_path_searches_the_index(plugin: SqlitePlugin) -> None:
+    ctx = CallContext(namespace="ns")
+    await create_index(plugin, "by_lineage", ["lineage"], ctx)
+    for i in range(50):
+        body = {"lineage": f"l{i % 10}", "deleted": i % 7 == 0, "tags": ["x", f"l{i % 10}"]}
+        await plugin.documents.insert(
+            basic_pb.InsertRequest(collection="c", id=f"d{i}", json=json.dumps(body)), ctx
+        )
+    (sql_name,) = await plugin.db.read(
+        lambda c: c.execute("SELECT sql_name FROM doc_indexes").fetchone()
+    )
+    conn = sqlite3.connect(plugin.path)
+    try:
+        for flt in (
+            {"lineage": "l3", "deleted": False},
+            {"$and": [{"deleted": False}, {"lineage": {"$in": ["l1", "l2"]}}]},
+        ):
+            steps = plan(conn, flt)
+            # rows are looked up by rowid from the index: one search for the scalar values (kind
+            # and value columns), one for array values (kind column); nothing scans the table
+            assert steps[0] == "SEARCH docs USING INTEGER PRIMARY KEY (rowid=?)", steps
+            searches = [s for s in steps if s.startswith("SEARCH docs USING INDEX")]
+            kind_search = f"SEARCH docs USING INDEX {sql_name} (ns=? AND collection=? AND <expr>=?"
+            assert searches == [kind_search + " AND <expr>=?)", kind_search + ")"], steps
+            assert not any(s.startswith("SCAN docs") for s in steps), steps
+        # a path no index leads is still answered, by reading the collection
+        steps = plan(conn, {"tags": "x"})
+        assert not any(s.startswith("SEARCH docs USING INTEGER PRIMARY KEY") for s in steps), steps
+    finally:
+        conn.close()
