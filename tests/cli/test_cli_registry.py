@@ -104,7 +104,7 @@ BREAKS = [
         "unsatisfiable-slot",
         "patterns/keyvalue.yaml",
         "required_interfaces: [keyvalue_basic]",
-        "required_interfaces: [keyvalue_basic, stream_basic]",
+        "required_interfaces: [keyvalue_basic, graph_basic]",
         "UNSATISFIABLE_SLOT",
         "  store:",
     ),
