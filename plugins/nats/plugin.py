@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 from plugins.nats.connection import NatsConnection, Settings, namespace_token, subject_prefix
 from plugins.nats.groups import NatsConsumerGroups
+from plugins.nats.persistent import DEFAULT_MAX_AGE_SECONDS, NatsPersistent
 from plugins.nats.pubsub import NatsPubSub
 from plugins.nats.stream import NatsStreams
 from plugins.nats.subscriptions import Subscriptions
@@ -50,7 +51,8 @@ class NatsPlugin(BackendPlugin):
 
     Config: `connection` (nats://host:port), `subject_prefix` (default "prism"), `stream_name`
     (prefix of JetStream stream names), `connect_timeout_seconds`, `request_timeout_seconds`,
-    `reconnect_wait_seconds`, `stream_replicas`.
+    `reconnect_wait_seconds`, `stream_replicas`, `persistent_max_age_seconds` and
+    `persistent_max_messages` (retention of each namespace's persistent pub/sub log).
     """
 
     name: ClassVar[str] = "nats"
@@ -62,6 +64,13 @@ class NatsPlugin(BackendPlugin):
         self.subscriptions = Subscriptions()
         self.conn.on_disconnect.append(self._end_live_streams)
         self.pubsub = NatsPubSub(self.conn, self.subscriptions)
+        self.persistent = NatsPersistent(
+            self.conn,
+            self.pubsub,
+            self.subscriptions,
+            max_age=_positive(config, "persistent_max_age_seconds", DEFAULT_MAX_AGE_SECONDS),
+            max_messages=int(config.get("persistent_max_messages", -1)),
+        )
         self.streams = NatsStreams(self.conn)
         self.groups = NatsConsumerGroups(self.conn, self.streams.jetstreams)
         self._version = "unknown"

@@ -88,12 +88,13 @@ class JetStreams:
             return None
 
     async def create(
-        self, stream: str, subject: str, max_msgs: int = -1, max_age: float = 0
+        self, stream: str, capture: str, max_msgs: int = -1, max_age: float = 0
     ) -> None:
-        """Create the stream if missing (an existing one, whatever its limits, is kept)."""
+        """Create the stream capturing subject `capture` if missing (an existing one, whatever
+        its limits, is kept)."""
         config = api.StreamConfig(
             name=stream,
-            subjects=[subject],
+            subjects=[capture],
             retention=api.RetentionPolicy.LIMITS,
             storage=api.StorageType.FILE,
             discard=api.DiscardPolicy.OLD,
@@ -107,14 +108,24 @@ class JetStreams:
             if exc.err_code != STREAM_NAME_IN_USE:
                 raise
 
-    async def publish(self, ctx: CallContext, stream: str, subject: str, body: bytes) -> int:
-        """Store `body`, creating the stream on first use; its sequence."""
+    async def publish(
+        self,
+        ctx: CallContext,
+        stream: str,
+        subject: str,
+        body: bytes,
+        capture: str | None = None,
+        max_msgs: int = -1,
+        max_age: float = 0,
+    ) -> int:
+        """Store `body` on `subject`, creating the stream on first use (capturing `capture`,
+        by default just `subject`); its sequence."""
 
         async def publish() -> int:
             try:
                 ack = await self.js.publish(subject, body, stream=stream)
             except nats.js.errors.NoStreamResponseError:
-                await self.create(stream, subject)
+                await self.create(stream, capture or subject, max_msgs, max_age)
                 ack = await self.js.publish(subject, body, stream=stream)
             return int(ack.seq)
 
