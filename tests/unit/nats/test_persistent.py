@@ -24,7 +24,10 @@ async def _publish(plugin: NatsPlugin, ctx: CallContext, topic: str, payload: by
 
 
 def _durable(
-    plugin: NatsPlugin, ctx: CallContext, start: int = 0, start_sequence: int = 0
+    plugin: NatsPlugin,
+    ctx: CallContext,
+    start: pb.StartPosition.ValueType = pb.START_POSITION_UNSPECIFIED,
+    start_sequence: int = 0,
 ) -> Events:
     request = pb.SubscribeDurableRequest(
         topic="orders",
