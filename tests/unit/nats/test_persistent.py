@@ -33,7 +33,7 @@ def _durable(
         topic="orders",
         durable_name="d1",
         start=start,
-        start_sequence=start_sequence,  # type: ignore[arg-type]
+        start_sequence=start_sequence,
     )
     return aiter(plugin.persistent.subscribe_durable(request, ctx))
 
