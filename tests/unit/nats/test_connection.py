@@ -1,0 +1,54 @@
+"""Connection settings, names and the unreachable-server path."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from plugins.nats import NatsPlugin
+from plugins.nats.connection import namespace_token
+from plugins.runtime.errors import InvalidArgument, Unavailable
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_unreachable_server_is_unavailable_fast(tmp_path: Path) -> None:
+    config = {"connection": f"nats://127.0.0.1:{_closed_port()}", "connect_timeout_seconds": 0.5}
+    plugin = NatsPlugin(config, data_dir=tmp_path)
+    started = time.monotonic()
+    with pytest.raises(Unavailable):
+        await plugin.start()
+    assert time.monotonic() - started < 2
+    assert not await plugin.check_health()
+    await plugin.close()
+
+
+def test_namespace_tokens_are_safe_and_distinct() -> None:
+    names = ["a.b", "a_b", "A.b", "x-y", "0"]
+    tokens = [namespace_token(n) for n in names]
+    assert len(set(tokens)) == len(names)
+    for token in tokens:
+        assert token and all(c in "abcdefghijklmnopqrstuvwxyz234567" for c in token)
+
+
+@pytest.mark.parametrize("prefix", ["a.*", "a..b", "has space", "a.>", ""])
+def test_bad_subject_prefix(prefix: str, tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument) as bad:
+        NatsPlugin({"connection": "nats://h:1", "subject_prefix": prefix}, data_dir=tmp_path)
+    assert bad.value.field == "subject_prefix"
+
+
+def test_memo006_prefix_and_distinct_stream_prefixes(tmp_path: Path) -> None:
+    iot = NatsPlugin(
+        {"connection": "nats://h:1", "subject_prefix": "iot.devices."}, data_dir=tmp_path
+    )
+    assert iot.settings.subject_prefix == "iot.devices"
+    default = NatsPlugin({"connection": "nats://h:1"}, data_dir=tmp_path)
+    assert iot.settings.stream_prefix != default.settings.stream_prefix
