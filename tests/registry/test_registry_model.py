@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import textwrap
 from pathlib import Path
@@ -101,8 +102,6 @@ def test_memo_and_documented_config_keys_are_accepted(
 
 
 def test_postgres_accepts_the_memo_connection_string() -> None:
-    import re
-
     pg = REG.backends["postgres"]
     assert re.fullmatch(pg.connection_pattern, "postgresql://localhost:5432/prism")
     assert re.fullmatch(pg.connection_pattern, "postgres://u:p@db.internal:5433/app")
@@ -273,27 +272,16 @@ def test_broken_third_party_backend_is_a_diagnostic(
     assert "acme" not in reg.backends
 
 
-def test_planned_backend_warns_unless_bound_to_a_sidecar() -> None:
-    planned = next((b for b in REG.backends.values() if b.status == "planned"), None)
-    if planned is None:
-        pytest.skip("every backend has a plugin now")
-    slot = next(
-        (n, s)
-        for n, s in REG.patterns["direct"].slots.items()
-        if set(s.required_interfaces) <= set(planned.implements)
-    )
-    config = {"connection": planned.default_connection}
-    data = {
-        "namespaces": [
-            {
-                "name": "a",
-                "pattern": "direct",
-                "slots": {slot[0]: {"backend": planned.name, "config": config}},
-            }
-        ]
-    }
-    warned = validate_config_data(data, "x", REG)
+def test_planned_backend_warns_unless_bound_to_a_sidecar(tmp_path: Path) -> None:
+    copy = tmp_path / "reg"
+    shutil.copytree(REPO / "registry", copy)
+    redis_yaml = copy / "backends" / "redis.yaml"
+    redis_yaml.write_text(re.sub(r"(?m)^status: \w+", "status: planned", redis_yaml.read_text()))
+    reg = load_registry(copy)
+    slot = {"backend": "redis", "config": {"connection": "redis://localhost:6379/0"}}
+    data = {"namespaces": [{"name": "a", "pattern": "direct", "slots": {"keyvalue": slot}}]}
+    warned = validate_config_data(data, "x", reg)
     assert warned.ok
     assert [(d.rule_id, d.severity) for d in warned.diagnostics] == [("BACKEND_PLANNED", "warning")]
-    data["namespaces"][0]["slots"][slot[0]]["address"] = "127.0.0.1:7001"  # type: ignore[index]
-    assert validate_config_data(data, "x", REG).diagnostics == []
+    slot["address"] = "127.0.0.1:7001"
+    assert validate_config_data(data, "x", reg).diagnostics == []
