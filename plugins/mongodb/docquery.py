@@ -13,6 +13,11 @@ maps to the obvious operator. Two differences need care:
 - `$ne`, `$nin` and `$not` are exact complements in the contract; they become `$nor` of the
   positive translation, so missing fields, nulls and arrays fall on the right side by
   construction. `$all` is a conjunction of equalities (MongoDB's own `$all` disagrees on null).
+
+Sorting runs on the server too: an aggregation stage computes, per sort field, the contract's
+(rank, value) pair (docfilter.sort_value: missing = null < numbers < strings < booleans <
+objects = arrays, the value kept only for the three scalar ranks) with the same array-prefix
+guard, and MongoDB sorts on those pairs then `_id`; keyset pages match "after the last pair".
 """
 
 from __future__ import annotations
@@ -94,6 +99,73 @@ def translate(node: Node) -> Query:
     if isinstance(node, And):
         return _all([translate(c) for c in node.children]) if node.children else {}
     raise TypeError(f"not a filter node: {node!r}")
+
+
+# Sorting -----------------------------------------------------------------------------------
+_RANKS: list[tuple[list[str], int]] = [
+    (["int", "long", "double", "decimal"], 1),
+    (["string"], 2),
+    (["bool"], 3),
+    (["object", "array"], 4),
+]
+
+
+def _value(path: docfilter.Path) -> Any:
+    """Aggregation expression for the value at `path`, missing when a prefix is an array
+    (aggregation paths never index arrays by number, so the guard is all that is needed)."""
+    full = "$" + field(path)
+    guards = [{"$ne": [{"$type": "$" + field(path[:i])}, "array"]} for i in range(1, len(path))]
+    return {"$cond": [{"$and": guards}, full, "$$REMOVE"]} if guards else full
+
+
+def _rank(value: Any) -> Any:
+    kind = {"$type": value}
+    return {
+        "$switch": {
+            "branches": [{"case": {"$in": [kind, names]}, "then": r} for names, r in _RANKS],
+            "default": 0,
+        }
+    }
+
+
+def sort_stages(spec: docfilter.SortSpec, after: docfilter.SortKey | None) -> list[Query]:
+    """Pipeline stages putting matching documents in the contract's order, starting after
+    `after`; the computed fields are `_s<i>r` / `_s<i>v`."""
+    computed: Query = {}
+    order: dict[str, int] = {}
+    for i, (path, descending) in enumerate(spec.fields):
+        value = _value(path)
+        rank = _rank(value)
+        computed[f"_s{i}r"] = rank
+        computed[f"_s{i}v"] = {"$cond": [{"$in": [rank, [1, 2, 3]]}, value, None]}
+        order[f"_s{i}r"] = order[f"_s{i}v"] = -1 if descending else 1
+    stages: list[Query] = [{"$addFields": computed}]
+    if after is not None:
+        stages.append({"$match": _keyset_after(spec, after)})
+    stages.append({"$sort": {**order, "_id": 1}})
+    return stages
+
+
+def sort_cleanup(spec: docfilter.SortSpec) -> Query:
+    return {"$project": {f"_s{i}{part}": 0 for i in range(len(spec.fields)) for part in "rv"}}
+
+
+def _keyset_after(spec: docfilter.SortSpec, after: docfilter.SortKey) -> Query:
+    """Documents strictly after `after` in the order sort_stages sorts by."""
+    branches: list[Query] = []
+    equal: Query = {}
+    for i, ((_, descending), (rank, value)) in enumerate(
+        zip(spec.fields, after.values, strict=True)
+    ):
+        beyond = "$lt" if descending else "$gt"
+        r, v = f"_s{i}r", f"_s{i}v"
+        scalar = rank in (1, 2, 3)
+        branches.append({**equal, r: {beyond: rank}})
+        if scalar:
+            branches.append({**equal, r: rank, v: {beyond: operand(value)}})
+        equal = {**equal, r: rank, v: operand(value) if scalar else None}
+    branches.append({**equal, "_id": {"$gt": after.doc_id}})
+    return {"$or": branches}
 
 
 def projection(paths: Iterable[docfilter.Path]) -> dict[str, int]:

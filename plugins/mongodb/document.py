@@ -10,9 +10,9 @@ stores, under `u.<index>`, the index's values when the contract constrains the d
 field missing, null, an object or an array; docfilter.unique_key decides) and nothing otherwise,
 and a MongoDB unique index on those values (partial: only documents that have them) enforces the
 constraint atomically with the write; MongoDB's index equality is the contract's (1 equals 1.0,
-true differs from 1). Filters and id-ordered pages run on the server (docquery.py); sorts on
-fields, Aggregate and search scoring run here over the matching documents, fetched with only
-the fields they need, with the shared docfilter/textsearch code.
+true differs from 1). Filters, sorts and keyset pages run on the server (docquery.py); Aggregate
+and search scoring run here over the matching documents, fetched with only the fields they
+need, with the shared docfilter/textsearch code.
 """
 
 from __future__ import annotations
@@ -311,23 +311,19 @@ class MongoDocuments:
     ) -> tuple[list[Doc], docfilter.SortKey | None]:
         """Up to `size` documents after `after` in sort order, and the key of the last one when
         more follow."""
-        if not spec.fields:  # id order: a keyset range on the _id index, all on the server
+        if spec.fields:
+            pipeline = [{"$match": selector}, *docquery.sort_stages(spec, after)]
+            pipeline += [{"$limit": size + 1}, docquery.sort_cleanup(spec)]
+            async with self.mongo.call(ctx):
+                docs = await (await coll.aggregate(pipeline)).to_list()
+        else:  # id order: a keyset range on the _id index
             if after is not None:
                 selector = {"$and": [selector, {"_id": {"$gt": after.doc_id}}]}
             async with self.mongo.call(ctx):
                 docs = await coll.find(selector).sort("_id", 1).limit(size + 1).to_list()
-            more = len(docs) > size
-            docs = docs[:size]
-            last = spec.key(docs[-1]["_id"], _body(docs[-1])) if more else None
-            return docs, last
-        rows = await self._fetch(coll, ctx, selector, [p for p, _ in spec.fields])
-        keyed = [(spec.key(d["_id"], _body(d)), d["_id"]) for d in rows]
-        if after is not None:
-            keyed = [item for item in keyed if spec.compare(item[0], after) > 0]
-        ordered = spec.sort(keyed)
-        page = ordered[:size]
-        docs = await self._by_ids(coll, ctx, [i for _, i in page])
-        return docs, page[-1][0] if len(ordered) > size else None
+        more = len(docs) > size
+        docs = docs[:size]
+        return docs, spec.key(docs[-1]["_id"], _body(docs[-1])) if more else None
 
     async def find(self, request: query.FindRequest, ctx: CallContext) -> query.FindResponse:
         coll = self._coll(ctx, request.collection)

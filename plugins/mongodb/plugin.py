@@ -101,9 +101,10 @@ class MongodbPlugin(BackendPlugin):
                 )
             ),
             "query": (
-                "filters run on the server (exact translation of the filter language with type "
-                "and array guards); id-ordered pages are keyset ranges on _id; sorts on fields "
-                "and Aggregate run in the plugin over the matching documents"
+                "filters, sorts and keyset pages run on the server (exact translation of the "
+                "filter language and sort order, with array-path guards; sorts on fields are an "
+                "aggregation computing each field's sort rank); Aggregate runs in the plugin "
+                "over the matching documents"
             ),
             "expiry": "TTL index on the expiry field plus read-time filtering (plugin clock)",
         }

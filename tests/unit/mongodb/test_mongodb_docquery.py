@@ -134,11 +134,22 @@ async def test_sorted_pages_follow_the_reference_order(
     loaded: tuple[MongodbPlugin, dict[str, dict[str, Any]]],
 ) -> None:
     plugin, bodies = loaded
-    for fields in ([("a", False)], [("b", True), ("a", False)], [("n.x", False)]):
+    rng = random.Random(11)
+    for fields in (
+        [("a", False)],
+        [("b", True), ("a", False)],
+        [("n.x", False)],
+        [("n.0", True), ("n.x.z", False), ("b", True)],
+    ):
         spec = docfilter.parse_sort(fields)
-        expected = [i for _, i in spec.sort((spec.key(i, b), i) for i, b in bodies.items())]
         sort = [query_pb.SortField(field=f, descending=d) for f, d in fields]
-        assert await _ids(plugin, "", sort) == expected, fields
+        for text in ("", *(json.dumps(random_filter(rng)) for _ in range(5))):
+            node = docfilter.parse_filter(text)
+            matching = (
+                (spec.key(i, b), i) for i, b in bodies.items() if docfilter.matches(node, b)
+            )
+            expected = [i for _, i in spec.sort(matching)]
+            assert await _ids(plugin, text, sort) == expected, (fields, text)
 
 
 def test_namespace_encoding_is_injective_and_legal() -> None:
