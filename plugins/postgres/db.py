@@ -99,6 +99,8 @@ class Database:
         self.pool = self._new_pool()
         self._last_used: weakref.WeakKeyDictionary[Conn, float] = weakref.WeakKeyDictionary()
         self._opened = False
+        #: a connection-level failure was seen; cleared by the next successful connect
+        self._suspect = False
         self._migrated = False
         self._migrate_lock = asyncio.Lock()
         self.server_version = ""
@@ -156,9 +158,7 @@ class Database:
     async def connection(self, ctx: CallContext) -> AsyncIterator[Conn]:
         """A pooled autocommit connection for one call, everything bounded by the deadline."""
         timeout = ctx.timeout(self.op_timeout)
-        if not self._opened:
-            raise Unavailable("postgres plugin is not started", backend="postgres")
-        await self._ensure_migrated(timeout)
+        await self._ready(timeout)
         try:
             async with asyncio.timeout(timeout):
                 async with self.pool.connection(timeout=timeout) as conn:
@@ -167,31 +167,56 @@ class Database:
                     finally:
                         self._last_used[conn] = time.monotonic()
         except DRIVER_ERRORS as exc:
+            self._note_failure(exc)
             translate(exc, timeout)
 
     async def dedicated(self, limit: float) -> Conn:
         """A connection taken out of the pool (for a transaction held across calls); give it
         back with `release`."""
-        if not self._opened:
-            raise Unavailable("postgres plugin is not started", backend="postgres")
-        await self._ensure_migrated(limit)
+        await self._ready(limit)
         try:
             async with asyncio.timeout(limit):
                 return await self.pool.getconn(timeout=limit)
         except DRIVER_ERRORS as exc:
+            self._note_failure(exc)
             translate(exc, limit)
 
     async def connect(self, limit: float) -> Conn:
         """A new connection outside the pool (a LISTEN session lives as long as its listener);
         the caller closes it."""
-        if not self._opened:
-            raise Unavailable("postgres plugin is not started", backend="postgres")
-        await self._ensure_migrated(limit)
+        await self._ready(limit)
+        return await self._connect(limit)
+
+    async def _connect(self, limit: float) -> Conn:
         try:
             async with asyncio.timeout(limit):
                 return await AsyncConnection.connect(self.conninfo, **self.connect_kwargs)
         except DRIVER_ERRORS as exc:
             translate(exc, limit)
+
+    async def _ready(self, limit: float) -> None:
+        """Started, migrated, and — while the server is suspected down — reachable.
+
+        psycopg_pool does not wake a client waiting for a connection when connecting fails, so
+        with the server down every call would wait out its whole deadline. After a
+        connection-level failure one direct connection attempt decides instead: refused is
+        known in milliseconds (UNAVAILABLE at once); success clears the suspicion."""
+        if not self._opened:
+            raise Unavailable("postgres plugin is not started", backend="postgres")
+        if self._suspect:
+            probe = await self._connect(limit)
+            await probe.close()
+            self._suspect = False
+        await self._ensure_migrated(limit)
+
+    def _note_failure(self, exc: BaseException) -> None:
+        if isinstance(exc, PoolTimeout | TimeoutError) or (
+            # no SQLSTATE: the connection itself failed; 08: connection exception; 57P:
+            # server shutting down / crashed / not accepting connections yet
+            isinstance(exc, psycopg.OperationalError)
+            and (exc.sqlstate is None or exc.sqlstate.startswith(("08", "57P")))
+        ):
+            self._suspect = True
 
     async def release(self, conn: Conn) -> None:
         """Return a dedicated connection; the pool resets (rolls back) or discards it."""
@@ -205,5 +230,7 @@ class Database:
                     await conn.execute("SELECT 1")
         except DRIVER_ERRORS as exc:
             log.debug("postgres health check failed: %r", exc)
+            self._note_failure(exc)
             return False
+        self._suspect = False
         return True

@@ -26,6 +26,9 @@ from tests.support.wait import eventually
 
 BASIC = "prism.interfaces.keyvalue.v1.KeyValueBasicService"
 DEADLINE = 3.0
+#: well under both the client deadline and the plugin's 5 s default cap: a refused connection
+#: is recognised at once instead of waiting for a pool connection that will not come
+FAST = 2.0
 META = namespaced("faults")
 
 
@@ -36,7 +39,7 @@ async def _health(channel: grpc.aio.Channel) -> int:
 
 
 async def _expect_unavailable(call: Awaitable[object]) -> None:
-    """The call fails UNAVAILABLE, well before the client's deadline would have fired."""
+    """The call fails UNAVAILABLE, fast."""
     started = time.monotonic()
     try:
         await call
@@ -44,12 +47,12 @@ async def _expect_unavailable(call: Awaitable[object]) -> None:
         assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
     else:
         raise AssertionError("a call succeeded while postgres was down")
-    assert time.monotonic() - started < DEADLINE
+    assert time.monotonic() - started < FAST
 
 
 async def test_postgres_killed_and_restarted(tmp_path: Path) -> None:
     with throwaway("postgres") as db:
-        slot = {"backend": "postgres", "config": {"connection": db.url, "timeout_seconds": 1}}
+        slot = {"backend": "postgres", "config": {"connection": db.url}}
         config = {
             "namespaces": [{"name": "faults", "pattern": "direct", "slots": {"keyvalue": slot}}]
         }
