@@ -24,7 +24,8 @@ from typing import TypeVar
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
-from nats.js import JetStreamContext
+from nats.js import JetStreamContext, api
+from nats.js.kv import KeyValue
 
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import InvalidArgument, Unavailable
@@ -105,6 +106,7 @@ class NatsConnection:
         self.client = Client()
         self._js: JetStreamContext | None = None
         self._lock = asyncio.Lock()
+        self._buckets: dict[str, KeyValue] = {}
         # called when the connection drops (live subscriptions end: core NATS loses messages)
         self.on_disconnect: list[Callable[[], None]] = []
 
@@ -144,7 +146,26 @@ class NatsConnection:
             self.client = client
             self._js = client.jetstream(timeout=self.settings.request_timeout)
 
+    async def bucket(self, suffix: str) -> KeyValue:
+        """The slot's JetStream KV bucket `<stream prefix>_<suffix>`, created on first use (to be
+        awaited inside `run`)."""
+        kv = self._buckets.get(suffix)
+        if kv is None:
+            name = f"{self.settings.stream_prefix}_{suffix}"
+            try:
+                kv = await self.js.key_value(name)
+            except nats.js.errors.BucketNotFoundError:
+                kv = await self.js.create_key_value(
+                    bucket=name,
+                    history=1,
+                    storage=api.StorageType.FILE,
+                    replicas=self.settings.stream_replicas,
+                )
+            self._buckets[suffix] = kv
+        return kv
+
     async def close(self) -> None:
+        self._buckets.clear()
         if self._js is not None:
             self._js = None
             await self.client.close()

@@ -28,7 +28,6 @@ from typing import Any
 
 import nats.js.errors
 from nats.js import api
-from nats.js.kv import KeyValue
 from prism.interfaces.pubsub.v1 import pubsub_basic_pb2 as basic_pb
 from prism.interfaces.pubsub.v1 import pubsub_persistent_pb2 as persistent_pb
 
@@ -42,6 +41,7 @@ from plugins.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 
 KIND = "pp"
 DEFAULT_MAX_AGE_SECONDS = 7 * 24 * 3600.0
+DURABLES = "durables"
 
 
 class NatsPersistent:
@@ -62,28 +62,11 @@ class NatsPersistent:
         self.max_messages = max_messages
         self.jetstreams = JetStreams(conn, KIND)
         self.in_use: set[tuple[str, str, str]] = set()
-        self._kv: KeyValue | None = None
 
     def _log(self, ctx: CallContext, topic: str) -> tuple[str, str]:
         """(JetStream stream of the namespace's log, subject of `topic`)."""
         names = Names.of(self.conn.settings, ctx)
         return names.stream(KIND), names.subject(KIND, topic)
-
-    async def _durables(self) -> KeyValue:
-        """The KV bucket of acknowledged sequences, created on first use."""
-        if self._kv is None:
-            bucket = f"{self.conn.settings.stream_prefix}_durables"
-            try:
-                kv = await self.conn.js.key_value(bucket)
-            except nats.js.errors.BucketNotFoundError:
-                kv = await self.conn.js.create_key_value(
-                    bucket=bucket,
-                    history=1,
-                    storage=api.StorageType.FILE,
-                    replicas=self.conn.settings.stream_replicas,
-                )
-            self._kv = kv
-        return self._kv
 
     def _log_config(self, ctx: CallContext) -> dict[str, Any]:
         """How the namespace's log stream is created: every persistent topic, our limits."""
@@ -140,7 +123,7 @@ class NatsPersistent:
             raise InvalidArgument("sequence", "is above the topic's last sequence")
 
         async def raise_to() -> int | None:
-            kv = await self._durables()
+            kv = await self.conn.bucket(DURABLES)
             while True:
                 try:
                     entry = await kv.get(key)
@@ -179,7 +162,7 @@ class NatsPersistent:
         key = self._key(ctx, topic, durable)
 
         async def read_or_create() -> int:
-            kv = await self._durables()
+            kv = await self.conn.bucket(DURABLES)
             try:
                 return int((await kv.get(key)).value or b"0")
             except nats.js.errors.KeyNotFoundError:
