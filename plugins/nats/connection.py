@@ -175,6 +175,8 @@ class NatsConnection:
         log.debug("nats client error: %r", exc)
 
     async def _on_disconnected(self) -> None:
+        if self._js is None:  # our own close()
+            return
         log.warning("nats: disconnected, reconnecting in the background")
         for listener in self.on_disconnect:
             listener()

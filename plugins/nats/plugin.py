@@ -10,6 +10,7 @@ from plugins.nats.connection import NatsConnection, Settings, namespace_token, s
 from plugins.nats.groups import NatsConsumerGroups
 from plugins.nats.persistent import DEFAULT_MAX_AGE_SECONDS, NatsPersistent
 from plugins.nats.pubsub import NatsPubSub
+from plugins.nats.queue import NatsQueue
 from plugins.nats.stream import NatsStreams
 from plugins.nats.subscriptions import Subscriptions
 from plugins.runtime.base import BackendPlugin
@@ -18,6 +19,7 @@ from plugins.runtime.errors import InvalidArgument, Unavailable
 DEFAULT_SUBJECT_PREFIX = "prism"
 PUBSUB_INTERFACES = ("pubsub_basic", "pubsub_wildcards")
 STREAM_INTERFACES = ("stream_basic",)
+QUEUE_INTERFACES = ("queue_basic", "queue_visibility", "queue_dead_letter")
 
 
 def _positive(config: Mapping[str, Any], name: str, default: float) -> float:
@@ -72,6 +74,7 @@ class NatsPlugin(BackendPlugin):
             max_messages=int(config.get("persistent_max_messages", -1)),
         )
         self.streams = NatsStreams(self.conn)
+        self.queue = NatsQueue(self.conn)
         self.groups = NatsConsumerGroups(self.conn, self.streams.jetstreams)
         self._version = "unknown"
 
@@ -79,6 +82,7 @@ class NatsPlugin(BackendPlugin):
         return {
             **dict.fromkeys(PUBSUB_INTERFACES, self.pubsub),
             **dict.fromkeys(STREAM_INTERFACES, self.streams),
+            **dict.fromkeys(QUEUE_INTERFACES, self.queue),
         }
 
     def _end_live_streams(self) -> None:

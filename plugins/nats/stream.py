@@ -117,16 +117,17 @@ class JetStreams:
         capture: str | None = None,
         max_msgs: int = -1,
         max_age: float = 0,
+        headers: dict[str, str] | None = None,
     ) -> int:
         """Store `body` on `subject`, creating the stream on first use (capturing `capture`,
         by default just `subject`); its sequence."""
 
         async def publish() -> int:
             try:
-                ack = await self.js.publish(subject, body, stream=stream)
+                ack = await self.js.publish(subject, body, stream=stream, headers=headers)
             except nats.js.errors.NoStreamResponseError:
                 await self.create(stream, capture or subject, max_msgs, max_age)
-                ack = await self.js.publish(subject, body, stream=stream)
+                ack = await self.js.publish(subject, body, stream=stream, headers=headers)
             return int(ack.seq)
 
         try:
@@ -152,9 +153,10 @@ class JetStreams:
             raise Unavailable(f"JetStream did not return message {seq} of {stream}: {answer}")
         return _nanos_from_iso(answer["message"]["time"])
 
-    async def purge_before(self, ctx: CallContext, stream: str, seq: int) -> int:
-        """Remove every message with a sequence below `seq` (> 0); how many went."""
-        request = json.dumps({"seq": seq}).encode()
+    async def purge(self, ctx: CallContext, stream: str, **what: object) -> int:
+        """Purge (`seq`: every message below it, must be > 0; `filter`: one subject); how many
+        messages went."""
+        request = json.dumps(what).encode()
         subject = f"$JS.API.STREAM.PURGE.{stream}"
 
         async def purge() -> Any:
@@ -376,7 +378,7 @@ class NatsStreams:
             )
         if info is None or request.before_offset <= max(info.state.first_seq, 1):
             return retention_pb.TrimResponse()
-        trimmed = await self.jetstreams.purge_before(ctx, stream, request.before_offset)
+        trimmed = await self.jetstreams.purge(ctx, stream, seq=request.before_offset)
         return retention_pb.TrimResponse(trimmed=trimmed)
 
 

@@ -1,0 +1,494 @@
+"""Queue basic/visibility/dead_letter: messages in JetStream, leases in a JetStream KV.
+
+Why not a JetStream work-queue consumer: its ack wait is one value per consumer (the contract
+wants a lease length per Dequeue and ExtendVisibility that may shorten it), it cannot show
+what is visible without leasing it (Peek), and it redelivers nak'ed/expired messages in the
+order their leases ended, not in their original place. So the plugin does the leasing itself,
+with JetStream as the only store and compare-and-set as the only lock:
+
+- Queue Q is the JetStream stream `<stream prefix>_<ns>_q_Q` on subject `<root>.q.Q`; a message
+  is the serialized `Message` proto and its stream sequence is its place (FIFO). Ack deletes it
+  from the stream; dead-lettering and redrive publish it to the other queue's stream (with header
+  Prism-Origin naming the queue it came from) and delete it from the first.
+- A delivered message has a state in the slot's KV bucket `<stream prefix>_queues`, key
+  `m.<ns>.Q.<seq>`: {"n": delivery count, "until": lease end (unix ns; 0 when the lease has
+  ended), "h": the lease's nonce}. Every lease change is a KV update with the revision read, so
+  concurrent Dequeues never lease one message twice and a stale handle can never win.
+- A receipt handle is "<seq>.<nonce>": valid while the state of (this queue, seq) carries that
+  nonce and its lease has not ended. Lease ends are judged by the wall clock (unix ns), so any
+  plugin instance can judge them; expired leases are settled (dead-lettered when they used up
+  max_deliveries) at the start of every Dequeue, Peek and Redrive of the queue.
+- The dead-letter configuration is key `c.<ns>.Q` of the same bucket.
+
+Dequeue and Peek read the states of the queue's leases and the queue's messages in order (two
+ephemeral JetStream readers), so each costs a few round trips plus the number of leased
+messages. A long poll wakes on the queue's subject (enqueues are published there) or every
+POLL_SECONDS for lease ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import nats.js.errors
+from nats.js import api
+from nats.js.kv import KeyValue
+from prism.interfaces.queue.v1 import queue_basic_pb2 as basic_pb
+from prism.interfaces.queue.v1 import queue_dead_letter_pb2 as dlq_pb
+from prism.interfaces.queue.v1 import queue_visibility_pb2 as visibility_pb
+
+from plugins.nats.connection import NatsConnection, namespace_token
+from plugins.nats.stream import BATCH, JetStreams
+from plugins.runtime import validation
+from plugins.runtime.context import CallContext
+from plugins.runtime.errors import FailedPrecondition, NotFound
+
+KIND = "q"
+BUCKET = "queues"
+ORIGIN = "Prism-Origin"
+DEFAULT_VISIBILITY_SECONDS = 30.0
+POLL_SECONDS = 0.25
+# `until` markers of states that are not leases: the message is being moved or was acked.
+MOVING = -1
+
+
+@dataclass
+class _State:
+    n: int
+    until: int
+    h: str
+    revision: int
+
+    def hides(self, now: int) -> bool:
+        """Leased right now, or on its way out of the queue."""
+        return self.until > now or self.until < 0
+
+    def encode(self) -> bytes:
+        return json.dumps({"n": self.n, "until": self.until, "h": self.h}).encode()
+
+    @classmethod
+    def decode(cls, data: bytes, revision: int) -> _State:
+        raw = json.loads(data)
+        return cls(int(raw["n"]), int(raw["until"]), str(raw["h"]), revision)
+
+
+@dataclass
+class _Visible:
+    seq: int
+    message: basic_pb.Message
+    origin: str
+    state: _State | None
+
+
+class NatsQueue:
+    """queue_basic, queue_visibility and queue_dead_letter."""
+
+    def __init__(self, conn: NatsConnection) -> None:
+        self.conn = conn
+        self.jetstreams = JetStreams(conn, KIND)
+
+    # keys and small helpers -------------------------------------------------------------------
+
+    def _state_key(self, ctx: CallContext, queue: str, seq: int) -> str:
+        return f"m.{namespace_token(ctx.namespace)}.{queue}.{seq}"
+
+    def _config_key(self, ctx: CallContext, queue: str) -> str:
+        return f"c.{namespace_token(ctx.namespace)}.{queue}"
+
+    async def _kv(self) -> KeyValue:
+        return await self.conn.bucket(BUCKET)
+
+    async def _kv_stream(self) -> tuple[str, str]:
+        """(JetStream stream of the bucket, its subject prefix), the bucket created if new."""
+        await self._kv()
+        name = f"{self.conn.settings.stream_prefix}_{BUCKET}"
+        return f"KV_{name}", f"$KV.{name}."
+
+    async def _get_state(self, ctx: CallContext, key: str) -> _State | None:
+        async def get() -> _State | None:
+            try:
+                entry = await (await self._kv()).get(key)
+            except nats.js.errors.KeyNotFoundError:
+                return None
+            return _State.decode(entry.value or b"{}", entry.revision or 0)
+
+        return await self.conn.run(ctx, get)
+
+    async def _put_state(
+        self, ctx: CallContext, key: str, new: _State, old: _State | None
+    ) -> _State | None:
+        """Write `new` if the state is still `old` (None: absent); the written state, or None
+        when someone else changed it first."""
+
+        async def put() -> _State | None:
+            kv = await self._kv()
+            try:
+                if old is None:
+                    revision = await kv.create(key, new.encode())
+                else:
+                    revision = await kv.update(key, new.encode(), last=old.revision)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                return None
+            return _State(new.n, new.until, new.h, revision)
+
+        return await self.conn.run(ctx, put)
+
+    async def _drop_state(self, ctx: CallContext, key: str) -> None:
+        """Remove a state entirely (no delete marker left behind)."""
+        stream, prefix = await self.conn.run(ctx, self._kv_stream)
+        await self.jetstreams.purge(ctx, stream, filter=prefix + key)
+
+    async def _states(self, ctx: CallContext, queue: str) -> dict[int, _State]:
+        """Every message state of the queue, by sequence."""
+        stream, prefix = await self.conn.run(ctx, self._kv_stream)
+        subject = prefix + self._state_key(ctx, queue, 0).rsplit(".", 1)[0] + ".*"
+        states: dict[int, _State] = {}
+        position = {"deliver_policy": api.DeliverPolicy.LAST_PER_SUBJECT}
+        async with self.jetstreams.reader(ctx, stream, filter_subject=subject, **position) as (
+            sub,
+            info,
+        ):
+            remaining = info.num_pending or 0
+            while remaining > 0:
+                msgs = await self.jetstreams.fetch(sub, min(BATCH, remaining))
+                if not msgs:
+                    break
+                remaining -= len(msgs)
+                for msg in msgs:
+                    if msg.headers and msg.headers.get("KV-Operation") in ("DEL", "PURGE"):
+                        continue
+                    seq = int(msg.subject.rsplit(".", 1)[1])
+                    states[seq] = _State.decode(msg.data, msg.metadata.sequence.stream)
+        return states
+
+    async def _visible(
+        self, ctx: CallContext, queue: str, limit: int, states: dict[int, _State]
+    ) -> list[_Visible]:
+        """Up to `limit` visible messages in queue order."""
+        return await self._scan(ctx, queue, limit, states, lambda _: True)
+
+    async def _scan(
+        self,
+        ctx: CallContext,
+        queue: str,
+        limit: int,
+        states: dict[int, _State],
+        wanted: Callable[[str], bool],
+    ) -> list[_Visible]:
+        stream, _ = self.jetstreams.names(ctx, queue)
+        info = await self.jetstreams.info(ctx, stream)
+        if info is None or not info.state.messages:
+            return []
+        now = time.time_ns()
+        found: list[_Visible] = []
+        position = {"deliver_policy": api.DeliverPolicy.ALL}
+        async with self.jetstreams.reader(ctx, stream, **position) as (sub, reader):
+            remaining = reader.num_pending or 0
+            while remaining > 0 and len(found) < limit:
+                msgs = await self.jetstreams.fetch(sub, min(BATCH, remaining))
+                if not msgs:
+                    break
+                remaining -= len(msgs)
+                for msg in msgs:
+                    seq = msg.metadata.sequence.stream
+                    state = states.get(seq)
+                    origin = (msg.headers or {}).get(ORIGIN, "")
+                    if (state is not None and state.hides(now)) or not wanted(origin):
+                        continue
+                    message = basic_pb.Message.FromString(msg.data)
+                    message.delivery_count = state.n if state is not None else 0
+                    found.append(_Visible(seq, message, origin, state))
+                    if len(found) == limit:
+                        break
+        return found
+
+    # dead-letter configuration ----------------------------------------------------------------
+
+    async def _config(self, ctx: CallContext, queue: str) -> tuple[str, int] | None:
+        key = self._config_key(ctx, queue)
+
+        async def get() -> tuple[str, int] | None:
+            try:
+                entry = await (await self._kv()).get(key)
+            except nats.js.errors.KeyNotFoundError:
+                return None
+            raw = json.loads(entry.value or b"{}")
+            return str(raw["dlq"]), int(raw["max"])
+
+        return await self.conn.run(ctx, get)
+
+    async def configure_dead_letter(
+        self, request: dlq_pb.ConfigureDeadLetterRequest, ctx: CallContext
+    ) -> dlq_pb.ConfigureDeadLetterResponse:
+        queue = validation.queue_name(request.queue)
+        config = validation.dead_letter(queue, request.dead_letter_queue, request.max_deliveries)
+        key = self._config_key(ctx, queue)
+        if config is None:
+            await self._drop_state(ctx, key)
+        else:
+            body = json.dumps({"dlq": config[0], "max": config[1]}).encode()
+
+            async def put() -> None:
+                await (await self._kv()).put(key, body)
+
+            await self.conn.run(ctx, put)
+        return dlq_pb.ConfigureDeadLetterResponse()
+
+    async def get_dead_letter_config(
+        self, request: dlq_pb.GetDeadLetterConfigRequest, ctx: CallContext
+    ) -> dlq_pb.GetDeadLetterConfigResponse:
+        config = await self._config(ctx, validation.queue_name(request.queue))
+        if config is None:
+            return dlq_pb.GetDeadLetterConfigResponse()
+        return dlq_pb.GetDeadLetterConfigResponse(
+            configured=True, dead_letter_queue=config[0], max_deliveries=config[1]
+        )
+
+    async def _move(
+        self,
+        ctx: CallContext,
+        source: str,
+        seq: int,
+        state: _State | None,
+        target: str,
+        origin: str,
+        message: basic_pb.Message | None = None,
+    ) -> bool:
+        """Move message `seq` of `source` to the end of `target` (claiming it first, so it
+        moves once); False when someone else claimed or removed it first."""
+        key = self._state_key(ctx, source, seq)
+        claimed = await self._put_state(
+            ctx, key, _State(state.n if state else 0, MOVING, "", 0), state
+        )
+        if claimed is None:
+            return False
+        stream, _ = self.jetstreams.names(ctx, source)
+        if message is None:
+            try:
+                raw = await self.conn.run(ctx, lambda: self.conn.js.get_msg(stream, seq))
+            except nats.js.errors.NotFoundError:  # already gone: nothing to move
+                await self._drop_state(ctx, key)
+                return False
+            message = basic_pb.Message.FromString(raw.data or b"")
+        message.delivery_count = 0
+        message.receipt_handle = ""
+        target_stream, target_subject = self.jetstreams.names(ctx, target)
+        headers = {ORIGIN: origin} if origin else None
+        await self.jetstreams.publish(
+            ctx, target_stream, target_subject, message.SerializeToString(), headers=headers
+        )
+        await self._delete_message(ctx, stream, seq)
+        await self._drop_state(ctx, key)
+        return True
+
+    async def _delete_message(self, ctx: CallContext, stream: str, seq: int) -> None:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await self.conn.run(ctx, lambda: self.conn.js.delete_msg(stream, seq))
+
+    async def _settle(self, ctx: CallContext, queue: str) -> dict[int, _State]:
+        """The queue's states, after ending the leases that expired: dead-lettered when they
+        used up max_deliveries, visible again otherwise."""
+        states = await self._states(ctx, queue)
+        now = time.time_ns()
+        expired = {seq: s for seq, s in states.items() if 0 < s.until <= now}
+        if not expired:
+            return states
+        config = await self._config(ctx, queue)
+        for seq, state in sorted(expired.items()):
+            if config is not None and state.n >= config[1]:
+                await self._move(ctx, queue, seq, state, config[0], queue)
+                states.pop(seq)
+                continue
+            ended = await self._put_state(
+                ctx, self._state_key(ctx, queue, seq), _State(state.n, 0, "", 0), state
+            )
+            if ended is not None:
+                states[seq] = ended
+        return states
+
+    async def redrive_dead_letters(
+        self, request: dlq_pb.RedriveDeadLettersRequest, ctx: CallContext
+    ) -> dlq_pb.RedriveDeadLettersResponse:
+        queue = validation.queue_name(request.queue)
+        limit = validation.redrive_count(request.max_messages)
+        config = await self._config(ctx, queue)
+        if config is None:
+            raise FailedPrecondition(
+                f"queue {queue!r} has no dead-letter configuration",
+                reason="DEAD_LETTER_NOT_CONFIGURED",
+                queue=queue,
+            )
+        await self._settle(ctx, queue)
+        dlq = config[0]
+        states = await self._settle(ctx, dlq)
+        moved = 0
+        for item in await self._scan(ctx, dlq, limit, states, lambda origin: origin == queue):
+            if await self._move(ctx, dlq, item.seq, item.state, queue, "", item.message):
+                moved += 1
+        return dlq_pb.RedriveDeadLettersResponse(moved=moved)
+
+    # queue_basic ------------------------------------------------------------------------------
+
+    async def enqueue(
+        self, request: basic_pb.EnqueueRequest, ctx: CallContext
+    ) -> basic_pb.EnqueueResponse:
+        queue = validation.queue_name(request.queue)
+        message = basic_pb.Message(
+            message_id=secrets.token_urlsafe(16),
+            payload=validation.value(request.payload, "payload"),
+            attributes=validation.attributes(request.attributes),
+        )
+        message.enqueue_time.FromNanoseconds(time.time_ns())
+        stream, subject = self.jetstreams.names(ctx, queue)
+        await self.jetstreams.publish(ctx, stream, subject, message.SerializeToString())
+        return basic_pb.EnqueueResponse(message_id=message.message_id)
+
+    async def dequeue(
+        self, request: basic_pb.DequeueRequest, ctx: CallContext
+    ) -> basic_pb.DequeueResponse:
+        queue = validation.queue_name(request.queue)
+        limit = validation.max_messages(request.max_messages)
+        wait = validation.wait_time(request.wait_time, request.HasField("wait_time"))
+        leased = await self._lease(ctx, queue, limit, wait, DEFAULT_VISIBILITY_SECONDS)
+        return basic_pb.DequeueResponse(messages=leased)
+
+    async def dequeue_with_timeout(
+        self, request: visibility_pb.DequeueWithTimeoutRequest, ctx: CallContext
+    ) -> visibility_pb.DequeueWithTimeoutResponse:
+        queue = validation.queue_name(request.queue)
+        limit = validation.max_messages(request.max_messages)
+        wait = validation.wait_time(request.wait_time, request.HasField("wait_time"))
+        lease = validation.visibility_timeout(
+            request.visibility_timeout, request.HasField("visibility_timeout")
+        )
+        leased = await self._lease(ctx, queue, limit, wait, lease)
+        return visibility_pb.DequeueWithTimeoutResponse(messages=leased)
+
+    async def _lease(
+        self, ctx: CallContext, queue: str, limit: int, wait: float, lease: float
+    ) -> list[basic_pb.Message]:
+        """Lease up to `limit` visible messages, long-polling up to `wait` seconds."""
+        give_up = time.monotonic() + wait
+        async with self._wakeup(ctx, queue, wait) as woken:
+            while True:
+                states = await self._settle(ctx, queue)
+                leased: list[basic_pb.Message] = []
+                for item in await self._visible(ctx, queue, limit, states):
+                    nonce = secrets.token_urlsafe(12)
+                    count = (item.state.n if item.state else 0) + 1
+                    until = time.time_ns() + int(lease * 1e9)
+                    key = self._state_key(ctx, queue, item.seq)
+                    won = await self._put_state(
+                        ctx, key, _State(count, until, nonce, 0), item.state
+                    )
+                    if won is None:  # a concurrent Dequeue leased it first
+                        continue
+                    item.message.delivery_count = count
+                    item.message.receipt_handle = f"{item.seq}.{nonce}"
+                    leased.append(item.message)
+                left = give_up - time.monotonic()
+                if leased or left <= 0:
+                    return leased
+                woken.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), min(left, POLL_SECONDS))
+
+    @contextlib.asynccontextmanager
+    async def _wakeup(
+        self, ctx: CallContext, queue: str, wait: float
+    ) -> AsyncIterator[asyncio.Event]:
+        """An event set by every enqueue to the queue while a long poll lasts."""
+        woken = asyncio.Event()
+        if wait <= 0:
+            yield woken
+            return
+
+        async def on_enqueue(_: object) -> None:
+            woken.set()
+
+        stream, subject = self.jetstreams.names(ctx, queue)
+        # The stream must exist first: with only our subscriber on the subject, an Enqueue's
+        # JetStream publish would reach us instead of failing over to creating the stream.
+        await self.conn.run(ctx, lambda: self.jetstreams.create(stream, subject))
+        sub = await self.conn.run(ctx, lambda: self.conn.client.subscribe(subject, cb=on_enqueue))
+        try:
+            yield woken
+        finally:
+            if self.conn.client.is_connected:
+                await sub.unsubscribe()
+
+    async def peek(self, request: basic_pb.PeekRequest, ctx: CallContext) -> basic_pb.PeekResponse:
+        queue = validation.queue_name(request.queue)
+        limit = validation.max_messages(request.max_messages)
+        states = await self._settle(ctx, queue)
+        visible = await self._visible(ctx, queue, limit, states)
+        return basic_pb.PeekResponse(messages=[item.message for item in visible])
+
+    # leases -----------------------------------------------------------------------------------
+
+    async def _live_lease(
+        self, ctx: CallContext, queue: str, handle: str
+    ) -> tuple[int, str, _State]:
+        """(seq, state key, state) of the live lease `handle` names; NotFound otherwise."""
+        validation.receipt_handle(handle)
+        seq_text, _, nonce = handle.partition(".")
+        if seq_text.isdigit() and nonce:
+            key = self._state_key(ctx, queue, int(seq_text))
+            state = await self._get_state(ctx, key)
+            if state is not None and state.h == nonce and state.until > time.time_ns():
+                return int(seq_text), key, state
+        raise NotFound(
+            "receipt handle is not a live lease of this queue (acked, released, expired, "
+            "redelivered or never issued)",
+            reason="RECEIPT_NOT_FOUND",
+            queue=queue,
+        )
+
+    async def ack(self, request: basic_pb.AckRequest, ctx: CallContext) -> basic_pb.AckResponse:
+        queue = validation.queue_name(request.queue)
+        while True:
+            seq, key, state = await self._live_lease(ctx, queue, request.receipt_handle)
+            if await self._put_state(ctx, key, _State(state.n, MOVING, "", 0), state):
+                break
+        stream, _ = self.jetstreams.names(ctx, queue)
+        await self._delete_message(ctx, stream, seq)
+        await self._drop_state(ctx, key)
+        return basic_pb.AckResponse()
+
+    async def extend_visibility(
+        self, request: visibility_pb.ExtendVisibilityRequest, ctx: CallContext
+    ) -> visibility_pb.ExtendVisibilityResponse:
+        queue = validation.queue_name(request.queue)
+        handle = validation.receipt_handle(request.receipt_handle)
+        lease = validation.visibility_timeout(
+            request.visibility_timeout, request.HasField("visibility_timeout")
+        )
+        while True:
+            _, key, state = await self._live_lease(ctx, queue, handle)
+            until = time.time_ns() + int(lease * 1e9)
+            if await self._put_state(ctx, key, _State(state.n, until, state.h, 0), state):
+                break
+        response = visibility_pb.ExtendVisibilityResponse()
+        response.lease_expire_time.FromNanoseconds(until)
+        return response
+
+    async def release(
+        self, request: visibility_pb.ReleaseRequest, ctx: CallContext
+    ) -> visibility_pb.ReleaseResponse:
+        queue = validation.queue_name(request.queue)
+        handle = validation.receipt_handle(request.receipt_handle)
+        config = await self._config(ctx, queue)
+        while True:
+            seq, key, state = await self._live_lease(ctx, queue, handle)
+            if config is not None and state.n >= config[1]:
+                if await self._move(ctx, queue, seq, state, config[0], queue):
+                    break
+            elif await self._put_state(ctx, key, _State(state.n, 0, "", 0), state):
+                break
+        return visibility_pb.ReleaseResponse()
