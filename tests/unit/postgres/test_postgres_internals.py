@@ -13,6 +13,8 @@ from pathlib import Path
 import psycopg
 import pytest
 from google.protobuf.duration_pb2 import Duration
+from prism.interfaces.document.v1 import document_basic_pb2 as doc_pb
+from prism.interfaces.document.v1 import document_query_pb2 as query_pb
 from prism.interfaces.keyvalue.v1 import keyvalue_basic_pb2 as kv_pb
 from prism.interfaces.keyvalue.v1 import keyvalue_scan_pb2 as scan_pb
 from prism.interfaces.keyvalue.v1 import keyvalue_transactional_pb2 as tx_pb
@@ -23,7 +25,7 @@ from prism.interfaces.queue.v1 import queue_basic_pb2 as q_pb
 from plugins.postgres import PostgresPlugin
 from plugins.postgres.schema import SCHEMA_VERSION, SchemaTooNew
 from plugins.runtime.context import CallContext
-from plugins.runtime.errors import NotFound, ResourceExhausted, Unavailable
+from plugins.runtime.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from tests.support.servers import ThrowawayServer, free_port
 from tests.support.wait import eventually
 
@@ -221,3 +223,22 @@ async def test_lost_listener_ends_streams_unavailable(
     message = await eventually(lambda: anext(again), message="no message after reconnect")
     assert message.message.payload == b"x"
     await again.aclose()  # type: ignore[attr-defined]
+
+
+async def test_nul_characters_in_documents_are_invalid_not_internal(
+    plugin: PostgresPlugin, namespace: str
+) -> None:
+    """PostgreSQL text and JSONB cannot hold U+0000: a clear INVALID_ARGUMENT, nothing stored."""
+    ctx = CallContext(namespace=namespace)
+    with pytest.raises(InvalidArgument) as raised:
+        await plugin.documents.insert(
+            doc_pb.InsertRequest(collection="c", id="a\x00b", json="{}"), ctx
+        )
+    assert raised.value.field == "id"
+    with pytest.raises(InvalidArgument) as raised:
+        await plugin.documents.insert(
+            doc_pb.InsertRequest(collection="c", id="x", json='{"s": "a\\u0000b"}'), ctx
+        )
+    assert raised.value.field == "json"
+    count = await plugin.documents.count(query_pb.CountRequest(collection="c"), ctx)
+    assert count.count == 0
