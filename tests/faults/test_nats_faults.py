@@ -1,7 +1,8 @@
 """nats-server dies mid-run (SIGKILL) and restarts on the same port and JetStream store dir:
 calls fail fast with UNAVAILABLE, a live subscription ends with UNAVAILABLE instead of silently
 missing messages, health goes NOT_SERVING, and the plugin's background reconnect brings it back
-by itself with every acknowledged stream append intact (same offsets, same payloads)."""
+by itself with every acknowledged stream append intact (same offsets, same payloads) and every
+queue message and lease where it was (leases live in a JetStream KV, so they survive too)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prism.interfaces.pubsub.v1 import pubsub_basic_pb2 as pubsub
 from prism.interfaces.pubsub.v1.pubsub_basic_pb2_grpc import PubSubBasicServiceStub
+from prism.interfaces.queue.v1 import queue_basic_pb2 as queue
+from prism.interfaces.queue.v1.queue_basic_pb2_grpc import QueueBasicServiceStub
 from prism.interfaces.stream.v1 import stream_basic_pb2 as stream
 from prism.interfaces.stream.v1.stream_basic_pb2_grpc import StreamBasicServiceStub
 
@@ -56,6 +59,7 @@ async def test_nats_killed_and_restarted(tmp_path: Path) -> None:
         slots = {
             "stream": {"backend": "nats", "config": config},
             "pubsub": {"backend": "nats", "config": config},
+            "queue": {"backend": "nats", "config": config},
         }
         namespaces = [{"name": "faults", "pattern": "direct", "slots": slots}]
         async with (
@@ -64,6 +68,22 @@ async def test_nats_killed_and_restarted(tmp_path: Path) -> None:
         ):
             streams = StreamBasicServiceStub(channel)
             topics = PubSubBasicServiceStub(channel)
+            jobs = QueueBasicServiceStub(channel)
+            enqueued = [
+                (
+                    await jobs.Enqueue(
+                        queue.EnqueueRequest(queue="jobs", payload=b"j%d" % i), metadata=META
+                    )
+                ).message_id
+                for i in range(10)
+            ]
+            leased = await jobs.Dequeue(
+                queue.DequeueRequest(queue="jobs", max_messages=2), metadata=META
+            )
+            await jobs.Ack(
+                queue.AckRequest(queue="jobs", receipt_handle=leased.messages[0].receipt_handle),
+                metadata=META,
+            )
             acknowledged = []
             for i in range(30):
                 reply = await streams.Append(
@@ -94,6 +114,9 @@ async def test_nats_killed_and_restarted(tmp_path: Path) -> None:
                 )
             )
             await _expect_unavailable(_read_all(streams, "events"))
+            await _expect_unavailable(
+                jobs.Dequeue(queue.DequeueRequest(queue="jobs"), metadata=META, timeout=DEADLINE)
+            )
             await _expect_unavailable(
                 topics.Publish(
                     pubsub.PublishRequest(topic="alerts", payload=b"x"),
@@ -134,3 +157,12 @@ async def test_nats_killed_and_restarted(tmp_path: Path) -> None:
                 stream.AppendRequest(stream="events", payload=b"after"), metadata=META
             )
             assert after.offset == 31
+            # the acked job is gone, the leased one is still leased, the rest wait in order
+            waiting = await jobs.Peek(
+                queue.PeekRequest(queue="jobs", max_messages=100), metadata=META
+            )
+            assert [m.message_id for m in waiting.messages] == enqueued[2:]
+            await jobs.Ack(
+                queue.AckRequest(queue="jobs", receipt_handle=leased.messages[1].receipt_handle),
+                metadata=META,
+            )
