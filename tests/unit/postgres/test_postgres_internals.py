@@ -242,3 +242,17 @@ async def test_nul_characters_in_documents_are_invalid_not_internal(
     assert raised.value.field == "json"
     count = await plugin.documents.count(query_pb.CountRequest(collection="c"), ctx)
     assert count.count == 0
+
+
+async def test_deadline_cuts_a_slow_statement(plugin: PostgresPlugin, namespace: str) -> None:
+    """A statement still running at the deadline is abandoned with UNAVAILABLE in time, and the
+    pool goes on serving (the abandoned connection is not handed out again mid-query)."""
+    ctx = CallContext.with_timeout(namespace, 0.3)
+    started = time.monotonic()
+    with pytest.raises(Unavailable):
+        async with plugin.db.connection(ctx) as conn:
+            await conn.execute("SELECT pg_sleep(5)")
+    assert time.monotonic() - started < 1.5
+    for i in range(plugin.db.max_size + 1):
+        fresh = CallContext.with_timeout(namespace, 2)
+        await plugin.keyvalue.set(kv_pb.SetRequest(key=f"after{i}", value=b"v"), fresh)
