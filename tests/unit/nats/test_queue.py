@@ -1,0 +1,97 @@
+"""Queue internals on real JetStream: compare-and-set leases, state clean-up, lazy
+dead-lettering of expired leases, survival of leases across plugin instances."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from google.protobuf.duration_pb2 import Duration
+from prism.interfaces.queue.v1 import queue_basic_pb2 as basic
+from prism.interfaces.queue.v1 import queue_dead_letter_pb2 as dlq
+from prism.interfaces.queue.v1 import queue_visibility_pb2 as visibility
+
+from plugins.nats import NatsPlugin
+from plugins.runtime.context import CallContext
+from tests.support.wait import eventually
+
+
+async def _enqueue(plugin: NatsPlugin, ctx: CallContext, n: int, queue: str = "q") -> list[str]:
+    return [
+        (
+            await plugin.queue.enqueue(basic.EnqueueRequest(queue=queue, payload=b"%d" % i), ctx)
+        ).message_id
+        for i in range(n)
+    ]
+
+
+async def test_concurrent_dequeues_never_share_a_message(
+    plugin: NatsPlugin, ctx: CallContext
+) -> None:
+    ids = await _enqueue(plugin, ctx, 20)
+    replies = await asyncio.gather(
+        *(
+            plugin.queue.dequeue(basic.DequeueRequest(queue="q", max_messages=3), ctx)
+            for _ in range(10)
+        )
+    )
+    leased = [m.message_id for r in replies for m in r.messages]
+    assert len(leased) == len(set(leased))
+    assert set(leased) <= set(ids)
+    # whatever a lost race left behind is still there for the next Dequeue
+    rest = await plugin.queue.dequeue(basic.DequeueRequest(queue="q", max_messages=100), ctx)
+    assert sorted(leased + [m.message_id for m in rest.messages]) == sorted(ids)
+
+
+async def test_ack_leaves_no_state_behind(plugin: NatsPlugin, ctx: CallContext) -> None:
+    await _enqueue(plugin, ctx, 3)
+    got = await plugin.queue.dequeue(basic.DequeueRequest(queue="q", max_messages=3), ctx)
+    assert len(await plugin.queue._states(ctx, "q")) == 3
+    for message in got.messages:
+        await plugin.queue.ack(
+            basic.AckRequest(queue="q", receipt_handle=message.receipt_handle), ctx
+        )
+    assert await plugin.queue._states(ctx, "q") == {}
+    stream, _ = plugin.queue.jetstreams.names(ctx, "q")
+    info = await plugin.queue.jetstreams.info(ctx, stream)
+    assert info is not None and info.state.messages == 0
+
+
+async def test_expired_lease_is_dead_lettered_by_peek(plugin: NatsPlugin, ctx: CallContext) -> None:
+    await plugin.queue.configure_dead_letter(
+        dlq.ConfigureDeadLetterRequest(queue="q", dead_letter_queue="dead", max_deliveries=1), ctx
+    )
+    [poison] = await _enqueue(plugin, ctx, 1)
+    await plugin.queue.dequeue_with_timeout(
+        visibility.DequeueWithTimeoutRequest(
+            queue="q", visibility_timeout=Duration(nanos=200_000_000)
+        ),
+        ctx,
+    )
+    assert (await plugin.queue.peek(basic.PeekRequest(queue="dead"), ctx)).messages == []
+
+    async def moved_by_peek() -> bool:
+        assert (await plugin.queue.peek(basic.PeekRequest(queue="q"), ctx)).messages == []
+        return bool((await plugin.queue.peek(basic.PeekRequest(queue="dead"), ctx)).messages)
+
+    await eventually(moved_by_peek, timeout=5, message="expired lease never dead-lettered")
+    dead = (await plugin.queue.peek(basic.PeekRequest(queue="dead"), ctx)).messages
+    assert [(m.message_id, m.delivery_count) for m in dead] == [(poison, 0)]
+
+
+async def test_leases_outlive_the_plugin_instance(
+    plugin: NatsPlugin, ctx: CallContext, tmp_path: Path
+) -> None:
+    await _enqueue(plugin, ctx, 2)
+    first = (await plugin.queue.dequeue(basic.DequeueRequest(queue="q"), ctx)).messages[0]
+    other = NatsPlugin(plugin.raw_config, data_dir=tmp_path)
+    await other.start()
+    try:
+        peeked = await other.queue.peek(basic.PeekRequest(queue="q"), ctx)
+        assert [m.payload for m in peeked.messages] == [b"1"]
+        started = time.monotonic()
+        await other.queue.ack(basic.AckRequest(queue="q", receipt_handle=first.receipt_handle), ctx)
+        assert time.monotonic() - started < 2
+    finally:
+        await other.close()
