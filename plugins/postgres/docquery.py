@@ -67,26 +67,24 @@ class Sql:
         return "(" + joiner.join(self.where(c) for c in node.children) + ")"
 
     def _condition(self, c: Condition) -> str:
-        v = self.value(c.path)
         if c.op == "$eq":
-            return self._eq(c.path, v, c.operand)
+            return self._eq(c.path, c.operand)
         if c.op == "$ne":
-            return f"(NOT coalesce({self._eq(c.path, v, c.operand)}, false))"
+            return f"(NOT coalesce({self._eq(c.path, c.operand)}, false))"
         if c.op == "$exists":
-            return f"({v} IS {'NOT ' if c.operand else ''}NULL)"
+            return f"({self.value(c.path)} IS {'NOT ' if c.operand else ''}NULL)"
         if c.op in _CMP_SQL:
-            return self._compare(v, _CMP_SQL[c.op], c.operand)
+            return self._compare(self.value(c.path), _CMP_SQL[c.op], c.operand)
         if not c.operand:  # $in / $all of nothing match nothing; $nin of nothing everything
             return "true" if c.op == "$nin" else "false"
-        parts = [f"coalesce({self._eq(c.path, v, x)}, false)" for x in c.operand]
+        parts = [f"coalesce({self._eq(c.path, x)}, false)" for x in c.operand]
         if c.op == "$all":
             return "(" + " AND ".join(parts) + ")"
         any_of = "(" + " OR ".join(parts) + ")"
         return any_of if c.op == "$in" else f"(NOT {any_of})"
 
-    def _eq(self, path: docfilter.Path, v: str, operand: Any) -> str:
-        """{"$eq": operand} on the value `v` at `path`: equal, or an array with an equal
-        element, one level deep.
+    def _eq(self, path: docfilter.Path, operand: Any) -> str:
+        """{"$eq": operand} at `path`: equal, or an array with an equal element, one level deep.
 
         For a non-null operand this is exactly JSONB containment of {path: operand} or
         {path: [operand]}: below the top level a scalar is contained only in an equal scalar
@@ -94,6 +92,7 @@ class Sql:
         into), objects only in objects (so paths never cross arrays), and numbers compare
         numerically. Containment is what the GIN index over the bodies serves."""
         if operand is None:
+            v = self.value(path)
             element = f"(jsonb_typeof({v}) = 'array' AND {v} @> '[null]'::jsonb)"
             return f"({v} IS NULL OR {v} = 'null'::jsonb OR {element})"
         scalar = self.p(dumps(_nested(path, operand)), "::jsonb")
