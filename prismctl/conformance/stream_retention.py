@@ -13,6 +13,7 @@ from prism.interfaces.stream.v1.stream_retention_pb2_grpc import StreamRetention
 
 from prismctl.conformance.core import Target, case, check, equal, expect_invalid
 from prismctl.conformance.stream_basic import append, read
+from prismctl.conformance.stream_partitioning import append_to, partitions, read_partition
 
 if TYPE_CHECKING:
     from prism.interfaces.stream.v1.stream_retention_pb2_grpc import (
@@ -138,3 +139,26 @@ async def invalid_retention_input(t: Target) -> None:
     await expect_invalid(set_retention(t, "Bad"), "stream", "SetRetention of stream 'Bad'")
     await expect_invalid(get_retention(t, ""), "stream", "GetRetention of stream ''")
     await expect_invalid(trim(t, "1s", 1), "stream", "Trim of stream '1s'")
+
+
+@case("stream_retention", requires=("stream_partitioning",))
+async def limits_apply_per_partition(t: Target) -> None:
+    """On a partitioned stream max_records counts each partition separately: records of a quiet
+    partition stay however many records the busy ones get."""
+    s = t.name("parts")
+    await set_retention(t, s, max_records=2)
+    count = await partitions(t, s)
+    quiet = count - 1
+    await append_to(t, s, b"q1", partition=quiet)
+    await append_to(t, s, b"q2", partition=quiet)
+    for i in range(4 if count > 1 else 0):
+        await append_to(t, s, f"b{i}".encode(), partition=0)
+    equal(
+        [r.payload for r in await read_partition(t, s, quiet)],
+        [b"q1", b"q2"],
+        f"partition {quiet}: its two records, within its own limit",
+    )
+    if count > 1:
+        busy = [r.offset for r in await read_partition(t, s, 0)]
+        check(busy and busy[-2:] == [3, 4], f"partition 0 lost one of its newest 2: {busy}")
+        equal(busy, list(range(busy[0], 5)), "partition 0 retained offsets")
