@@ -18,7 +18,7 @@ from plugins.runtime.errors import InvalidArgument, Unavailable
 
 DEFAULT_SUBJECT_PREFIX = "prism"
 PUBSUB_INTERFACES = ("pubsub_basic", "pubsub_wildcards")
-STREAM_INTERFACES = ("stream_basic",)
+STREAM_INTERFACES = ("stream_basic", "stream_replay", "stream_retention")
 QUEUE_INTERFACES = ("queue_basic", "queue_visibility", "queue_dead_letter")
 
 
@@ -83,6 +83,8 @@ class NatsPlugin(BackendPlugin):
             **dict.fromkeys(PUBSUB_INTERFACES, self.pubsub),
             **dict.fromkeys(STREAM_INTERFACES, self.streams),
             **dict.fromkeys(QUEUE_INTERFACES, self.queue),
+            "pubsub_persistent": self.persistent,
+            "stream_consumer_groups": self.groups,
         }
 
     def _end_live_streams(self) -> None:

@@ -40,7 +40,14 @@ BATCH = 256
 FETCH_WAIT = 1.0
 INACTIVE_SECONDS = 60.0
 STREAM_NAME_IN_USE = 10058
+DEFAULT_DUPLICATE_WINDOW = 120.0
 T = TypeVar("T")
+
+
+def duplicate_window(max_age: float) -> float:
+    """JetStream's de-duplication window (unused: we set no Nats-Msg-Id) may not exceed the
+    stream's max_age; its default is 2 minutes."""
+    return min(max_age, DEFAULT_DUPLICATE_WINDOW) if max_age else DEFAULT_DUPLICATE_WINDOW
 
 
 def _nanos_from_iso(text: str) -> int:
@@ -100,6 +107,7 @@ class JetStreams:
             discard=api.DiscardPolicy.OLD,
             max_msgs=max_msgs,
             max_age=max_age,
+            duplicate_window=duplicate_window(max_age),
             num_replicas=self.conn.settings.stream_replicas,
         )
         try:
@@ -346,7 +354,9 @@ class NatsStreams:
             await self.jetstreams.create(stream, subject, max_msgs=max_msgs, max_age=max_age)
             info = await self.jetstreams.js.stream_info(stream)
             if info.config.max_msgs != max_msgs or (info.config.max_age or 0) != max_age:
-                config = info.config.evolve(max_msgs=max_msgs, max_age=max_age)
+                config = info.config.evolve(
+                    max_msgs=max_msgs, max_age=max_age, duplicate_window=duplicate_window(max_age)
+                )
                 await self.jetstreams.js.update_stream(config)
 
         await self.conn.run(ctx, apply)
