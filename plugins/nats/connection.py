@@ -28,7 +28,7 @@ from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue
 
 from plugins.runtime.context import CallContext
-from plugins.runtime.errors import InvalidArgument, Unavailable
+from plugins.runtime.errors import InvalidArgument, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -201,6 +201,12 @@ class NatsConnection:
             return await asyncio.wait_for(operation(), self.timeout(ctx))
         except CONNECTION_ERRORS as exc:
             raise Unavailable(f"NATS did not answer: {exc!r}") from exc
+        except nats.errors.MaxPayloadError as exc:
+            raise ResourceExhausted(
+                f"message larger than the NATS server's max_payload ({self.client.max_payload} "
+                "bytes); raise max_payload in the server's configuration",
+                reason="MESSAGE_TOO_LARGE",
+            ) from exc
 
     async def healthy(self) -> bool:
         """Connected, and JetStream answers a cheap account-info request quickly."""

@@ -107,4 +107,5 @@ class NatsPlugin(BackendPlugin):
             "server_version": self._version,
             "subject_prefix": self.settings.subject_prefix,
             "stream_prefix": self.settings.stream_prefix,
+            "max_payload": str(self.conn.client.max_payload),
         }

@@ -33,7 +33,7 @@ from prism.interfaces.stream.v1 import stream_retention_pb2 as retention_pb
 from plugins.nats.connection import CONNECTION_ERRORS, Names, NatsConnection
 from plugins.runtime import validation
 from plugins.runtime.context import CallContext
-from plugins.runtime.errors import InvalidArgument, ResourceExhausted, Unavailable
+from plugins.runtime.errors import InvalidArgument, Unavailable
 
 KIND = "st"
 BATCH = 256
@@ -138,14 +138,7 @@ class JetStreams:
                 ack = await self.js.publish(subject, body, stream=stream, headers=headers)
             return int(ack.seq)
 
-        try:
-            return await self.conn.run(ctx, publish)
-        except nats.errors.MaxPayloadError as exc:
-            raise ResourceExhausted(
-                "message larger than the NATS server's max_payload "
-                f"({self.conn.client.max_payload} bytes)",
-                reason="MESSAGE_TOO_LARGE",
-            ) from exc
+        return await self.conn.run(ctx, publish)
 
     async def stored_nanos(self, ctx: CallContext, stream: str, seq: int) -> int:
         """The server timestamp of stored message `seq`, in full nanoseconds."""

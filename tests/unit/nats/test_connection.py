@@ -7,10 +7,14 @@ import time
 from pathlib import Path
 
 import pytest
+from prism.interfaces.pubsub.v1 import pubsub_basic_pb2 as pubsub
+from prism.interfaces.queue.v1 import queue_basic_pb2 as queue
+from prism.interfaces.stream.v1 import stream_basic_pb2 as stream
 
 from plugins.nats import NatsPlugin
 from plugins.nats.connection import namespace_token
-from plugins.runtime.errors import InvalidArgument, Unavailable
+from plugins.runtime.context import CallContext
+from plugins.runtime.errors import InvalidArgument, ResourceExhausted, Unavailable
 
 
 def _closed_port() -> int:
@@ -52,3 +56,19 @@ def test_memo006_prefix_and_distinct_stream_prefixes(tmp_path: Path) -> None:
     assert iot.settings.subject_prefix == "iot.devices"
     default = NatsPlugin({"connection": "nats://h:1"}, data_dir=tmp_path)
     assert iot.settings.stream_prefix != default.settings.stream_prefix
+
+
+async def test_payload_over_server_max_is_resource_exhausted(plugin: NatsPlugin) -> None:
+    """The throwaway server keeps nats-server's default max_payload (1 MiB): a larger (but
+    contract-valid) payload is refused cleanly, never INTERNAL."""
+    ctx = CallContext.with_timeout("big", 5.0)
+    big = b"x" * (plugin.conn.client.max_payload + 1)
+    calls = [
+        plugin.pubsub.publish(pubsub.PublishRequest(topic="t", payload=big), ctx),
+        plugin.queue.enqueue(queue.EnqueueRequest(queue="q", payload=big), ctx),
+        plugin.streams.append(stream.AppendRequest(stream="s", payload=big), ctx),
+    ]
+    for call in calls:
+        with pytest.raises(ResourceExhausted) as refused:
+            await call
+        assert refused.value.reason == "MESSAGE_TOO_LARGE"
