@@ -32,6 +32,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import psycopg
+from google.protobuf.message import DecodeError
 from prism.interfaces.pubsub.v1 import pubsub_basic_pb2 as basic_pb
 from prism.interfaces.pubsub.v1 import pubsub_wildcards_pb2 as wildcards_pb
 
@@ -115,23 +116,29 @@ class PostgresPubSub:
     async def _read(self, conn: Conn) -> None:
         try:
             async for note in conn.notifies():
-                envelope = json.loads(note.payload)
-                if "barrier" in envelope:
-                    armed = self.subscriptions.get(envelope["barrier"])
-                    if armed is not None:
-                        armed.armed.set()
+                try:
+                    envelope = json.loads(note.payload)
+                    ns = str(envelope.get("ns", ""))
+                    if "barrier" in envelope:
+                        armed = self.subscriptions.get(envelope["barrier"])
+                        if armed is not None:
+                            armed.armed.set()
+                        continue
+                    raw = (
+                        base64.b64decode(envelope["m"])
+                        if "m" in envelope
+                        else await self._spilled(int(envelope["ref"]))
+                    )
+                    message = None if raw is None else basic_pb.Message.FromString(raw)
+                except (ValueError, KeyError, TypeError, AttributeError, DecodeError) as exc:
+                    # not ours (someone else NOTIFYing on the channel): nothing to deliver
+                    log.warning("postgres pubsub: ignoring malformed notification: %r", exc)
                     continue
-                raw = (
-                    base64.b64decode(envelope["m"])
-                    if "m" in envelope
-                    else await self._spilled(int(envelope["ref"]))
-                )
-                if raw is None:
+                if message is None:
                     continue
-                message = basic_pb.Message.FromString(raw)
                 tokens = message.topic.split(".")
                 for sub in list(self.subscriptions.values()):
-                    if sub.namespace == envelope["ns"] and sub.matches(tokens):
+                    if sub.namespace == ns and sub.matches(tokens):
                         sub.offer(message)
         except psycopg.Error as exc:
             log.warning("postgres pubsub listener lost: %s", exc)
@@ -140,6 +147,8 @@ class PostgresPubSub:
             log.warning("postgres pubsub listener stopped: %s", exc)
             self._end_all(exc)
         finally:
+            # whatever stopped the reader, no stream may wait for messages that cannot come
+            self._end_all(unavailable(RuntimeError("pub/sub listener stopped")))
             self._listener = None
             with contextlib.suppress(psycopg.Error):
                 await conn.close()

@@ -256,3 +256,15 @@ async def test_deadline_cuts_a_slow_statement(plugin: PostgresPlugin, namespace:
     for i in range(plugin.db.max_size + 1):
         fresh = CallContext.with_timeout(namespace, 2)
         await plugin.keyvalue.set(kv_pb.SetRequest(key=f"after{i}", value=b"v"), fresh)
+
+
+async def test_foreign_notifications_are_ignored(plugin: PostgresPlugin, namespace: str) -> None:
+    ctx = CallContext(namespace=namespace)
+    stream, _ = await _first_events(plugin, ctx, "t")
+    async with plugin.db.connection(ctx) as conn:
+        for junk in ("not json", '{"ns": "x"}', '{"m": "!!"}', "[1]"):
+            await conn.execute("SELECT pg_notify('prism_pubsub', %s)", (junk,))
+    await plugin.pubsub.publish(ps_pb.PublishRequest(topic="t", payload=b"ok"), ctx)
+    event = await asyncio.wait_for(anext(stream), 5)
+    assert event.message.payload == b"ok"
+    await stream.aclose()  # type: ignore[attr-defined]
