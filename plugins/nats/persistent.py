@@ -14,9 +14,10 @@ unambiguous); AckDurable raises it with compare-and-set, so concurrent acks neve
 A durable stream is an ephemeral no-ack JetStream consumer filtered on the topic's subject,
 starting at the requested sequence: each logged message is delivered once per stream, in
 sequence order, and whatever is not acknowledged is delivered again by the next stream that
-starts from the last acknowledgement. (JetStream's own durable consumers would redeliver within
-a live stream and cannot move their start; the contract wants neither.) One live stream per
-durable is enforced within this plugin instance.
+starts from the last acknowledgement. The reader fetches from the log only as the client reads,
+so catching up on a long log never trips the slow-subscriber limit. (JetStream's own durable
+consumers would redeliver within a live stream and cannot move their start; the contract wants
+neither.) One live stream per durable is enforced within this plugin instance.
 """
 
 from __future__ import annotations
@@ -244,6 +245,8 @@ class NatsPersistent:
             ):
                 opened.set_result(None)
                 while not sub.ended:
+                    # the log keeps what the client has not read yet: fetch only as it reads
+                    await sub.room(BATCH)
                     for msg in await self.jetstreams.fetch(pull, BATCH):
                         message = basic_pb.Message.FromString(msg.data)
                         message.sequence = msg.metadata.sequence.stream

@@ -31,6 +31,14 @@ class Subscription:
         default_factory=lambda: asyncio.Queue(MAX_BACKLOG + 1)
     )
     ended: bool = False
+    # set whenever the client takes a message: lets log readers wait instead of piling up
+    taken: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def room(self, below: int) -> None:
+        """Wait until fewer than `below` messages wait for the client (or the stream ended)."""
+        while self.buffer.qsize() >= below and not self.ended:
+            self.taken.clear()
+            await self.taken.wait()
 
     def offer(self, message: basic_pb.Message) -> None:
         if self.ended:
@@ -50,6 +58,7 @@ class Subscription:
         beyond MAX_BACKLOG for this."""
         if not self.ended:
             self.ended = True
+            self.taken.set()
             with contextlib.suppress(asyncio.QueueFull):
                 self.buffer.put_nowait(outcome)
 
@@ -95,6 +104,7 @@ class Subscriptions:
         yield started(basic_pb.SubscriptionStarted(subscription_id=sub.id))
         while True:
             item = await sub.buffer.get()
+            sub.taken.set()
             if item is None:
                 return
             if isinstance(item, Exception):

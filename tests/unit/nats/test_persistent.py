@@ -120,3 +120,18 @@ async def test_durable_errors(plugin: NatsPlugin, ctx: CallContext) -> None:
             ctx,
         )
     assert bad_start.value.field == "start_sequence"
+
+
+async def test_catching_up_on_a_long_log_is_not_a_slow_subscriber(
+    plugin: NatsPlugin, ctx: CallContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A durable stream reads the log only as fast as its client: a backlog longer than the
+    slow-subscriber limit is delivered in full (the limit is lowered here to keep it quick)."""
+    monkeypatch.setattr("plugins.nats.subscriptions.MAX_BACKLOG", 600)
+    await asyncio.gather(*(_publish(plugin, ctx, "orders", b"%d" % i) for i in range(1000)))
+    events = _durable(plugin, ctx)
+    await anext(events)
+    await asyncio.sleep(0.2)  # give an unbounded reader every chance to overflow the buffer
+    got = await _payloads(events, 1000)
+    assert sorted(int(p) for p in got) == list(range(1000))
+    await events.aclose()  # type: ignore[attr-defined]
