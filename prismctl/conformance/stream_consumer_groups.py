@@ -369,7 +369,9 @@ async def consumer_in_use(t: Target) -> None:
     """A second live stream with the same consumer name is FAILED_PRECONDITION CONSUMER_IN_USE;
     the name is free again once the first stream ends."""
     s = t.name("inuse")
-    await create(t, s, "g")
+    # A short ack timeout: a record the server hands to the stream of "d" before it notices that
+    # stream ended comes back (to "c") soon.
+    await create(t, s, "g", ack_timeout=SHORT_ACK)
     first = await Consumer.join(t, s, "g", "c")
     try:
         await expect_error(
