@@ -4,9 +4,11 @@
 
 Each size gets a fresh file loaded with registry-shaped documents (through the plugin's Insert)
 and the value indexes the artifact-registry pattern creates. Every operation runs closed-loop
-from `--clients` concurrent callers; its ratios are against a baseline measured in the same run
-on the same file: a raw sqlite3 primary-key SELECT from a thread pool shaped like the plugin's
-readers. Find-by-lineage and Count on an indexed field should stay roughly flat across sizes.
+twice: from one caller (latency: p50/p99 of a call that waits for nothing else) and from
+`--clients` concurrent callers (throughput, and p50 under that load). Ratios are against a
+baseline measured the same way in the same run on the same file: a raw sqlite3 primary-key
+SELECT from a thread pool shaped like the plugin's readers. Find-by-lineage and Count on an
+indexed field should stay roughly flat across sizes.
 """
 
 from __future__ import annotations
@@ -203,39 +205,53 @@ async def measure(count: int, clients: int, seconds: float, only: set[str] | Non
             for name, call in operations(plugin, raw, count, ctx).items():
                 if only is not None and name != "baseline" and name not in only:
                     continue
-                calls, elapsed, latencies = await closed_loop(call, clients, seconds, warmup=0.3)
-                results.append(Result(str(count), name, clients, calls, elapsed, latencies))
-                print(f"  {name}: {calls / elapsed:.0f} calls/s", flush=True)
+                for concurrency in (1, clients):
+                    calls, elapsed, latencies = await closed_loop(
+                        call, concurrency, seconds, warmup=0.3
+                    )
+                    results.append(Result(str(count), name, concurrency, calls, elapsed, latencies))
+                print(f"  {name}: {results[-1].throughput:.1f} calls/s", flush=True)
         finally:
             raw.close()
             await plugin.close()
     return results
 
 
-def report(results: list[Result]) -> None:
-    """Per size and operation: calls/s, p50/p99, ratios against that size's baseline, and the
-    p50 growth against the smallest size (1.0 = flat)."""
-    base = {r.target: r for r in results if r.operation == "baseline"}
-    first: dict[str, Result] = {}
+def report(results: list[Result], clients: int) -> None:
+    """Per size and operation: latency from one caller, throughput and p50 from `clients`
+    callers, ratios against that size's baseline, and the one-caller p50 against the smallest
+    size (1.0 = flat)."""
+    runs = {(r.target, r.operation, r.concurrency): r for r in results}
+    sizes = list(dict.fromkeys(r.target for r in results))
+    names = list(dict.fromkeys(r.operation for r in results))
     header = (
-        f"{'docs':>7} {'operation':<13} {'calls/s':>9} {'p50 ms':>9} {'p99 ms':>9}"
-        f" {'calls/s ÷ base':>14} {'p50 × base':>10} {'p50 × smallest':>14}"
+        f"{'docs':>7} {'operation':<13} {'p50 ms':>8} {'p99 ms':>8} {'× base':>7}"
+        f" {'× smallest':>10} | {'calls/s @' + str(clients):>12} {'÷ base':>7} {'p50 ms':>9}"
     )
+    print(f"{'one caller':>47} | {clients} concurrent callers")
     print(header)
     print("-" * len(header))
-    for r in results:
-        b = base[r.target]
-        if not r.latencies_ms:
-            print(f"{r.target:>7} {r.operation:<13} no call started in the window completed")
-            continue
-        smallest = first.setdefault(r.operation, r)
-        print(
-            f"{r.target:>7} {r.operation:<13} {r.throughput:9.1f} {r.percentile(50):9.2f}"
-            f" {r.percentile(99):9.2f} {r.throughput / b.throughput:14.4f}"
-            f" {r.percentile(50) / b.percentile(50):10.1f}"
-            f" {r.percentile(50) / smallest.percentile(50):14.2f}"
-        )
-    print("\nbaseline: raw sqlite3 primary-key SELECT on the same file, same client concurrency")
+    for name in names:
+        for size in sizes:
+            one, many = runs.get((size, name, 1)), runs.get((size, name, clients))
+            if one is None or many is None:
+                continue
+            if not one.latencies_ms or not many.latencies_ms:
+                print(f"{size:>7} {name:<13} no call started in the window completed")
+                continue
+            base_one, base_many = runs[(size, "baseline", 1)], runs[(size, "baseline", clients)]
+            smallest = runs[(sizes[0], name, 1)]
+            print(
+                f"{size:>7} {name:<13} {one.percentile(50):8.2f} {one.percentile(99):8.2f}"
+                f" {one.percentile(50) / base_one.percentile(50):7.1f}"
+                f" {one.percentile(50) / smallest.percentile(50):10.2f} |"
+                f" {many.throughput:12.1f} {many.throughput / base_many.throughput:7.4f}"
+                f" {many.percentile(50):9.1f}"
+            )
+    print(
+        "\nbaseline: raw sqlite3 primary-key SELECT on the same file from a pool of the plugin's"
+        " reader-thread count, measured the same way"
+    )
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -243,7 +259,7 @@ async def main(args: argparse.Namespace) -> None:
     results: list[Result] = []
     for count in (int(n) for n in args.docs.split(",")):
         results += await measure(count, args.clients, args.seconds, only)
-    report(results)
+    report(results, args.clients)
 
 
 if __name__ == "__main__":

@@ -415,7 +415,8 @@ def parse_aggregate(
 class Group:
     key: Scalar
     count: int = 0
-    bodies: list[Any] = field(default_factory=list)
+    #: per accumulator, the values its field has in the group's documents
+    values: list[list[Any]] = field(default_factory=list)
 
     @property
     def key_json(self) -> str:
@@ -464,19 +465,36 @@ def _accumulate(op: str, values: list[Any]) -> Scalar:
 def aggregate(bodies: Iterable[Any], spec: AggregateSpec) -> list[tuple[Group, list[str]]]:
     """Every group with its accumulator values as JSON text, sorted by count descending then key
     ascending (SORTING order). Groups whose keys are equal (1 and 1.0) are one group."""
+    return aggregate_values(
+        (
+            (
+                None if spec.group_by is None else resolve(body, spec.group_by),
+                [resolve(body, path) for _, path in spec.accumulators],
+            )
+            for body in bodies
+        ),
+        spec,
+    )
+
+
+def aggregate_values(
+    rows: Iterable[tuple[Any, Sequence[Any]]], spec: AggregateSpec
+) -> list[tuple[Group, list[str]]]:
+    """`aggregate` of documents given by the values it reads: per document, the group_by
+    field's value (ignored without group_by) and each accumulator field's value. Every rule
+    treats a missing field as null, so a backend may pass None (or MISSING) for either."""
     groups: dict[SortValue, Group] = {}
     if spec.group_by is None:
-        groups[sort_value(None)] = Group(None)
-    for body in bodies:
-        keys = (
-            [None]
-            if spec.group_by is None
-            else _group_keys(resolve(body, spec.group_by), spec.unwind)
-        )
+        groups[sort_value(None)] = Group(None, values=[[] for _ in spec.accumulators])
+    for group_value, field_values in rows:
+        keys = [None] if spec.group_by is None else _group_keys(group_value, spec.unwind)
         for k in keys:
-            g = groups.setdefault(sort_value(k), Group(k))
+            g = groups.get(sort_value(k))
+            if g is None:
+                g = groups[sort_value(k)] = Group(k, values=[[] for _ in spec.accumulators])
             g.count += 1
-            g.bodies.append(body)
+            for column, value in zip(g.values, field_values, strict=True):
+                column.append(value)
     ordered = sorted(
         groups.values(), key=lambda g: functools.cmp_to_key(_group_cmp)(group_position(g))
     )
@@ -484,8 +502,8 @@ def aggregate(bodies: Iterable[Any], spec: AggregateSpec) -> list[tuple[Group, l
         (
             g,
             [
-                json_scalar(_accumulate(op, [resolve(b, p) for b in g.bodies]))
-                for op, p in spec.accumulators
+                json_scalar(_accumulate(op, column))
+                for (op, _), column in zip(spec.accumulators, g.values, strict=True)
             ],
         )
         for g in ordered

@@ -362,8 +362,23 @@ class SqliteDocuments:
         size = validation.page_size(request.page_size)
         scope = docfilter.token_scope(collection, request.filter, spec.canonical())
         position = validation.decode_page_token(request.page_token, "sqlite.aggregate", scope)
-        rows = await self._select(collection, node, ctx, columns="body")
-        groups = docfilter.aggregate((json.loads(r[0]) for r in rows), spec)
+        paths = [*([spec.group_by] if spec.group_by else []), *(p for _, p in spec.accumulators)]
+        if any('"' in name for path in paths for name in path):
+            # no SQLite JSON path can spell such a name: group whole bodies
+            rows = await self._select(collection, node, ctx, columns="body")
+            groups = docfilter.aggregate((json.loads(r[0]) for r in rows), spec)
+        else:
+            # only the values grouping reads, as one JSON array per document (missing as null;
+            # every path twice, so even one path yields an array, not a bare SQL value)
+            literals = [path_literal(p) for p in paths]
+            column = f"json_extract(body, {', '.join(literals * 2)})" if paths else "'[]'"
+            rows = await self._select(collection, node, ctx, columns=column)
+            first = 1 if spec.group_by else 0
+            last = first + len(spec.accumulators)
+            values = (json.loads(r[0]) for r in rows)
+            groups = docfilter.aggregate_values(
+                ((v[0] if spec.group_by else None, v[first:last]) for v in values), spec
+            )
         if position is not None:
             groups = [(g, v) for g, v in groups if docfilter.group_after(g, position)]
         token = ""
@@ -400,48 +415,30 @@ class SqliteDocuments:
         scope = docfilter.token_scope(
             collection, request.query, [[f.name, f.weight] for f in fields], request.filter
         )
-        position = validation.decode_page_token(request.page_token, "sqlite.search", scope)
-        if position is not None and not (
-            isinstance(position, list)
-            and len(position) == 2
-            and isinstance(position[0], int | float)
-            and not isinstance(position[0], bool)
-            and isinstance(position[1], str)
-        ):
-            raise InvalidArgument("page_token", "malformed page token")
-
+        after = textsearch.search_position(
+            validation.decode_page_token(request.page_token, "sqlite.search", scope)
+        )
         match = " AND ".join('"' + t.replace('"', '""') + '"' for t in terms)
         rows = await self._select(collection, node, ctx, words=match)
-        candidates = [(r, json.loads(r[1])) for r in rows]
-        per_doc = [textsearch.document_words(body, fields) for _, body in candidates]
-        averages = [
-            sum(words[k].length for words in per_doc) / len(per_doc) if per_doc else 0.0
-            for k in range(len(fields))
-        ]
-        query_words = textsearch.normalized(request.query)
-        scored = []
-        for (row, body), words in zip(candidates, per_doc, strict=True):
-            score = textsearch.score(words, terms, query_words, averages)
-            if score is None:
-                continue
-            if position is None or (-score, row[0]) > (-position[0], position[1]):
-                scored.append((score, row, body))
-        scored.sort(key=lambda hit: (-hit[0], hit[1][0]))
+        bodies = [json.loads(r[1]) for r in rows]
+        ranked = textsearch.rank(
+            [(r[0], b) for r, b in zip(rows, bodies, strict=True)],
+            fields,
+            terms,
+            request.query,
+            after,
+        )
         token = ""
-        if len(scored) > size:
-            scored = scored[:size]
-            token = validation.encode_page_token(
-                "sqlite.search", scope, [scored[-1][0], scored[-1][1][0]]
-            )
+        if len(ranked) > size:
+            ranked = ranked[:size]
+            score, last = ranked[-1]
+            token = validation.encode_page_token("sqlite.search", scope, [score, rows[last][0]])
         hits = []
-        for score, row, body in scored:
-            hit = search_pb.SearchHit(document=to_document(row), score=score)
+        for score, i in ranked:
+            hit = search_pb.SearchHit(document=to_document(rows[i]), score=score)
             if tags is not None:
-                for f in fields:
-                    text = textsearch.highlight_text(body, f.path, terms)
-                    if text is not None:
-                        snippet = textsearch.snippet(text, terms, *tags)
-                        hit.highlights.add(field=f.name, snippet=snippet)
+                for name, snippet in textsearch.highlights(bodies[i], fields, terms, tags):
+                    hit.highlights.add(field=name, snippet=snippet)
             hits.append(hit)
         return search_pb.SearchResponse(hits=hits, next_page_token=token)
 
