@@ -17,6 +17,7 @@ from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-unty
 from grpc_status import rpc_status
 
 from plugins.runtime.grpc_adapter import NAMESPACE_HEADER
+from prismctl.conformance.wait import eventually
 
 CaseFn = Callable[["Target"], Awaitable[None]]
 F = TypeVar("F", bound=CaseFn)
@@ -227,3 +228,23 @@ def _names(codes: tuple[grpc.StatusCode, ...]) -> str:
 def _short(value: object) -> str:
     text = repr(value).replace("\n", " ")
     return text if len(text) <= 200 else text[:200] + "..."
+
+
+T = TypeVar("T")
+
+
+async def when_free(open_stream: Callable[[], Awaitable[T]], what: str, timeout: float = 5.0) -> T:  # noqa: ASYNC109
+    """Open a stream that is exclusive to a name (a durable, a group consumer), retrying while
+    FAILED_PRECONDITION says a just-cancelled stream of that name is still live: the server
+    learns of a client's cancellation asynchronously."""
+
+    async def attempt() -> T | None:
+        try:
+            return await open_stream()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                return None
+            raise
+
+    opened: T = await eventually(attempt, timeout=timeout, message=f"{what} free again")
+    return opened

@@ -12,10 +12,17 @@ from prism.interfaces.pubsub.v1 import pubsub_basic_pb2 as basic_pb
 from prism.interfaces.pubsub.v1 import pubsub_persistent_pb2 as pb
 from prism.interfaces.pubsub.v1.pubsub_persistent_pb2_grpc import PubSubPersistentServiceStub
 
-from prismctl.conformance.core import Target, case, check, equal, expect_error, expect_invalid
+from prismctl.conformance.core import (
+    Target,
+    case,
+    check,
+    equal,
+    expect_error,
+    expect_invalid,
+    when_free,
+)
 from prismctl.conformance.pubsub_basic import Subscription, payloads, publish, subscribe, topic
 from prismctl.conformance.pubsub_basic import stub as basic_stub
-from prismctl.conformance.wait import eventually
 
 if TYPE_CHECKING:
     from prism.interfaces.pubsub.v1.pubsub_persistent_pb2_grpc import (
@@ -63,21 +70,12 @@ async def resubscribe(
     start: int = pb.START_POSITION_UNSPECIFIED,
     start_sequence: int = 0,
 ) -> Subscription:
-    """SubscribeDurable, retrying while the server still counts a just-cancelled stream of the
-    durable as live (it learns of a client cancellation asynchronously)."""
-
-    async def attempt() -> Subscription | None:
-        try:
-            return await subscribe_durable(t, topic_name, durable, start, start_sequence)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                return None
-            raise
-
-    sub: Subscription = await eventually(
-        attempt, timeout=RELEASE_TIMEOUT, message=f"durable {durable} free again"
+    """SubscribeDurable once the durable's previous (cancelled) stream is gone."""
+    return await when_free(
+        lambda: subscribe_durable(t, topic_name, durable, start, start_sequence),
+        f"durable {durable}",
+        RELEASE_TIMEOUT,
     )
-    return sub
 
 
 async def ack_durable(t: Target, topic_name: str, durable: str, sequence: int) -> int:

@@ -24,6 +24,7 @@ from prismctl.conformance.core import (
     equal,
     expect_error,
     expect_invalid,
+    when_free,
 )
 from prismctl.conformance.stream_basic import append
 from prismctl.conformance.wait import eventually
@@ -147,24 +148,6 @@ class Consumer:
         self.call.cancel()
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)
-
-
-async def join_when_free(t: Target, stream: str, group: str, consumer: str) -> Consumer:
-    """Join, retrying while the server still counts an ended stream of the same consumer as
-    live (it learns of a client cancellation asynchronously)."""
-
-    async def attempt() -> Consumer | None:
-        try:
-            return await Consumer.join(t, stream, group, consumer)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                return None
-            raise
-
-    joined: Consumer = await eventually(
-        attempt, timeout=REDELIVERY_TIMEOUT, message=f"consumer {consumer} free again"
-    )
-    return joined
 
 
 @case("stream_consumer_groups", requires=REQUIRES)
@@ -384,7 +367,7 @@ async def consumer_in_use(t: Target) -> None:
         await other.close()
     finally:
         await first.close()
-    again = await join_when_free(t, s, "g", "c")
+    again = await when_free(lambda: Consumer.join(t, s, "g", "c"), "consumer c")
     try:
         await append(t, s, b"x")
         equal([r.offset for r in await again.wait_for(1)], [1], "delivery to the rejoined consumer")
