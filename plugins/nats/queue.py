@@ -171,7 +171,7 @@ class NatsQueue:
         self, ctx: CallContext, queue: str, limit: int, states: dict[int, _State]
     ) -> list[_Visible]:
         """Up to `limit` visible messages in queue order."""
-        return await self._scan(ctx, queue, limit, states, lambda _: True)
+        return await self._scan(ctx, queue, limit, states, None)
 
     async def _scan(
         self,
@@ -179,19 +179,24 @@ class NatsQueue:
         queue: str,
         limit: int,
         states: dict[int, _State],
-        wanted: Callable[[str], bool],
+        wanted: Callable[[str], bool] | None,
     ) -> list[_Visible]:
+        """Up to `limit` visible messages in queue order whose Prism-Origin header is `wanted`
+        (None: all). Without a filter it fetches no more than it can need: `limit` plus the
+        messages leases hide."""
         stream, _ = self.jetstreams.names(ctx, queue)
         info = await self.jetstreams.info(ctx, stream)
         if info is None or not info.state.messages:
             return []
         now = time.time_ns()
         found: list[_Visible] = []
+        hidden = sum(1 for state in states.values() if state.hides(now))
         position = {"deliver_policy": api.DeliverPolicy.ALL}
         async with self.jetstreams.reader(ctx, stream, **position) as (sub, reader):
             remaining = reader.num_pending or 0
             while remaining > 0 and len(found) < limit:
-                msgs = await self.jetstreams.fetch(sub, min(BATCH, remaining))
+                need = BATCH if wanted is not None else limit - len(found) + hidden
+                msgs = await self.jetstreams.fetch(sub, min(BATCH, remaining, need))
                 if not msgs:
                     break
                 remaining -= len(msgs)
@@ -199,7 +204,10 @@ class NatsQueue:
                     seq = msg.metadata.sequence.stream
                     state = states.get(seq)
                     origin = (msg.headers or {}).get(ORIGIN, "")
-                    if (state is not None and state.hides(now)) or not wanted(origin):
+                    if state is not None and state.hides(now):
+                        hidden -= 1
+                        continue
+                    if wanted is not None and not wanted(origin):
                         continue
                     message = basic_pb.Message.FromString(msg.data)
                     message.delivery_count = state.n if state is not None else 0
