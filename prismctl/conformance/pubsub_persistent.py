@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING
 import grpc
 from prism.interfaces.pubsub.v1 import pubsub_basic_pb2 as basic_pb
 from prism.interfaces.pubsub.v1 import pubsub_persistent_pb2 as pb
+from prism.interfaces.pubsub.v1 import pubsub_wildcards_pb2 as wildcards_pb
 from prism.interfaces.pubsub.v1.pubsub_persistent_pb2_grpc import PubSubPersistentServiceStub
+from prism.interfaces.pubsub.v1.pubsub_wildcards_pb2_grpc import PubSubWildcardsServiceStub
 
 from prismctl.conformance.core import (
     Target,
@@ -253,6 +255,24 @@ async def log_and_live_subscribers(t: Target) -> None:
     finally:
         await live.close()
         await durable.close()
+
+
+@case("pubsub_persistent", requires=("pubsub_wildcards",))
+async def reaches_pattern_subscribers(t: Target) -> None:
+    """PublishPersistent reaches a matching SubscribePattern subscription like a plain Publish,
+    carrying its sequence."""
+    name = topic(t, "eu", "orders")
+    sub = await Subscription.open(
+        PubSubWildcardsServiceStub(t.channel).SubscribePattern(
+            wildcards_pb.SubscribePatternRequest(pattern=topic(t, "*", "orders"))
+        )
+    )
+    try:
+        logged = await publish_persistent(t, name, b"logged")
+        got = await sub.wait_for(1)
+        equal((got[0].payload, got[0].sequence), (b"logged", logged.sequence), "pattern match")
+    finally:
+        await sub.close()
 
 
 @case("pubsub_persistent", requires=REQUIRES)

@@ -12,9 +12,11 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 from prism.interfaces.stream.v1 import stream_basic_pb2 as basic_pb
 from prism.interfaces.stream.v1 import stream_consumer_groups_pb2 as pb
+from prism.interfaces.stream.v1 import stream_retention_pb2 as retention_pb
 from prism.interfaces.stream.v1.stream_consumer_groups_pb2_grpc import (
     StreamConsumerGroupsServiceStub,
 )
+from prism.interfaces.stream.v1.stream_retention_pb2_grpc import StreamRetentionServiceStub
 
 from prismctl.conformance.core import (
     CaseFailure,
@@ -310,6 +312,42 @@ async def unacked_records_are_redelivered(t: Target) -> None:
         equal(await ack(t, s, "g", [1]), 1, "acked after redelivery")
         equal(await ack(t, s, "g", [1, 2]), 0, "acked again")
         equal((await info(t, s, "g")).pending_count, 0, "pending after acks")
+    finally:
+        await consumer.close()
+
+
+@case("stream_consumer_groups", requires=REQUIRES)
+async def redeliveries_come_before_new_records(t: Target) -> None:
+    """With one record in flight allowed, a record that timed out is sent again before a newer
+    record waiting behind it."""
+    s = t.name("first")
+    await create(t, s, "g", ack_timeout=SHORT_ACK)
+    consumer = await Consumer.join(t, s, "g", "c", max_in_flight=1)
+    try:
+        await append(t, s, b"old")
+        await consumer.wait_for(1)
+        await append(t, s, b"new")
+        equal([r.offset for r in await consumer.wait_for(2)], [1, 1], "redelivery first")
+        equal(await ack(t, s, "g", [1]), 1, "acked")
+        equal([r.offset for r in await consumer.wait_for(3)], [1, 1, 2], "then the new record")
+    finally:
+        await consumer.close()
+
+
+@case("stream_consumer_groups", requires=("stream_basic", "stream_retention"))
+async def removed_records_are_skipped(t: Target) -> None:
+    """Records trimmed before the group delivered them are skipped, not an error."""
+    s = t.name("skipped")
+    for i in range(4):
+        await append(t, s, bytes([i]))
+    await create(t, s, "g")
+    await StreamRetentionServiceStub(t.channel).Trim(
+        retention_pb.TrimRequest(stream=s, before_offset=3)
+    )
+    consumer = await Consumer.join(t, s, "g", "c")
+    try:
+        await append(t, s, b"last")
+        equal([r.offset for r in await consumer.wait_for(3)], [3, 4, 5], "offsets delivered")
     finally:
         await consumer.close()
 
