@@ -33,7 +33,7 @@ QUEUE_INTERFACES = (
     "queue_priority",
 )
 PUBSUB_INTERFACES = ("pubsub_basic", "pubsub_wildcards")
-STREAM_INTERFACES = ("stream_basic",)
+STREAM_INTERFACES = ("stream_basic", "stream_consumer_groups", "stream_replay", "stream_retention")
 
 
 def _positive(config: Mapping[str, Any], name: str, default: float) -> float:

@@ -90,18 +90,19 @@ async def _xautoclaim(
     return await r.xautoclaim(log, group, consumer, idle, "0-0", count=count)
 
 
-async def _reclaim_own(
-    r: Any, *, log: bytes, group: str, consumer: str, idle: int, count: int
+async def _own_pending(
+    r: Any, *, log: bytes, group: str, consumer: str, count: int
+) -> dict[bytes, int]:
+    """Stream ID → idle ms of (up to `count` of) the records pending to `consumer`."""
+    rows = await r.xpending_range(log, group, min="-", max="+", count=count, consumername=consumer)
+    return {row["message_id"]: int(row["time_since_delivered"]) for row in rows}
+
+
+async def _claim(
+    r: Any, *, log: bytes, group: str, consumer: str, ids: list[bytes]
 ) -> list[basic_pb.Record]:
-    """Records pending to `consumer` for longer than `idle` ms, claimed again (which resets
-    their idle time) for redelivery; its pending count does not change."""
-    overdue = await r.xpending_range(
-        log, group, min="-", max="+", count=count, consumername=consumer, idle=idle
-    )
-    if not overdue:
-        return []
-    entries = await r.xclaim(log, group, consumer, idle, [p["message_id"] for p in overdue])
-    return _from_entries(entries)
+    """Records `ids`, claimed by `consumer` again (a new delivery: idle time reset)."""
+    return _from_entries(await r.xclaim(log, group, consumer, 0, ids))
 
 
 async def _xreadgroup(r: Any, *, log: bytes, group: str, consumer: str, count: int) -> Any:
@@ -324,43 +325,50 @@ class RedisStream:
     async def _deliveries(
         self, ctx: CallContext, stream: str, group: str, consumer: str, in_flight: int, ack_ms: int
     ) -> AsyncIterator[basic_pb.Record]:
-        """Redeliveries (XAUTOCLAIM of records idle past the ack timeout) before new records
-        (XREADGROUP), never more than `in_flight` pending for this consumer."""
+        """Redeliveries before new records, never more than `in_flight` pending for this
+        consumer. Redelivered: this consumer's records idle past the ack timeout, records
+        pending to its name that this stream never sent (left by an earlier stream of the same
+        name, possibly read by a blocking call that was cancelled after Redis served it), and
+        (XAUTOCLAIM) other consumers' records idle past the ack timeout. New: XREADGROUP `>`."""
         log = self._prefix(ctx, stream) + b"log"
         acked = (ctx.namespace, stream, group)
         renewed = time.monotonic()
+        sent: set[bytes] = set()
         while True:
             if time.monotonic() - renewed >= CONSUMER_RENEW:
                 await self._hold(ctx, stream, group, consumer, "renew")
                 renewed = time.monotonic()
             changed = self._acked.setdefault(acked, asyncio.Event())
-            summary = await self.conn.run(ctx, lambda r: r.xpending(log, group))
-            mine = sum(
-                int(c["pending"]) for c in summary["consumers"] if c["name"] == consumer.encode()
-            )
-            room = in_flight - mine
-            if room <= 0:  # full: only this consumer's own overdue records go out again
+            pending = await self.conn.run(
+                ctx, partial(_own_pending, log=log, group=group, consumer=consumer,
+                             count=in_flight + PAGE),
+            )  # fmt: skip
+            sent &= pending.keys()
+            again = [i for i, idle in pending.items() if i not in sent or idle >= ack_ms]
+            room = in_flight - len(pending)
+            if again:
                 records = await self.conn.run(
-                    ctx, partial(_reclaim_own, log=log, group=group, consumer=consumer,
-                                 idle=ack_ms, count=in_flight),
-                )  # fmt: skip
-                if not records:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(changed.wait(), BLOCK_MS / 1000)
-                    continue
+                    ctx, partial(_claim, log=log, group=group, consumer=consumer, ids=again)
+                )
+            elif room <= 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), BLOCK_MS / 1000)
+                continue
             else:
                 claimed = await self.conn.run(
                     ctx, partial(_xautoclaim, log=log, group=group, consumer=consumer,
                                  idle=ack_ms, count=room),
                 )  # fmt: skip
                 records = _from_entries(claimed[1])
-            if not records:
-                reply = await self.conn.run(
-                    ctx, partial(_xreadgroup, log=log, group=group, consumer=consumer, count=room),
-                    dedicated=True,
-                )  # fmt: skip
-                records = [rec for _, entries in reply or [] for rec in _from_entries(entries)]
+                if not records:
+                    reply = await self.conn.run(
+                        ctx, partial(_xreadgroup, log=log, group=group, consumer=consumer,
+                                     count=room),
+                        dedicated=True,
+                    )  # fmt: skip
+                    records = [rec for _, entries in reply or [] for rec in _from_entries(entries)]
             for record in records:
+                sent.add(b"0-%d" % record.offset)
                 yield record
 
     async def ack_records(
