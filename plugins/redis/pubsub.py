@@ -39,7 +39,7 @@ from plugins.runtime.context import CallContext
 from plugins.runtime.errors import NotFound, ResourceExhausted, Unavailable
 
 MAX_BACKLOG = 10_000
-Event = TypeVar("Event", basic_pb.SubscribeResponse, wildcards_pb.SubscribePatternResponse)
+EventT = TypeVar("EventT", basic_pb.SubscribeResponse, wildcards_pb.SubscribePatternResponse)
 _GLOB_SPECIAL = re.compile(rb"([\\*?\[\]^])")
 
 
@@ -136,10 +136,10 @@ class RedisPubSub:
     async def _stream(
         self,
         ctx: CallContext,
-        event: type[Event],
+        event: type[EventT],
         target: bytes,
         matches: Callable[[str], bool] | None,
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncIterator[EventT]:
         """Subscribe (PSUBSCRIBE when `matches` is given), send `started` once Redis confirmed,
         then relay messages until Unsubscribe, cancellation or a failure."""
         pubsub = self.conn.dedicated.pubsub()

@@ -1,8 +1,8 @@
 """Redis plugin internals the black-box conformance suite cannot see: the keyspace layout
 (namespace segments never collide), the key index forgetting expired keys, the blocking pool,
 Lua scripts surviving a flushed script cache, the slot's default TTL, fail-fast start, pattern
-subscriptions confined to their namespace, queue messages leaving no keys behind, and stream
-offsets as Redis IDs 0-N."""
+subscriptions confined to their namespace and ending loudly when not read, queue messages
+leaving no keys behind, and stream offsets as Redis IDs 0-N."""
 
 from __future__ import annotations
 
@@ -26,11 +26,12 @@ from prism.interfaces.stream.v1 import stream_basic_pb2 as stream
 from prism.interfaces.stream.v1 import stream_retention_pb2 as retention
 
 from plugins.redis import RedisPlugin
+from plugins.redis import pubsub as redis_pubsub
 from plugins.redis.keys import Keyspace, lex_range
 from plugins.redis.pubsub import channel_glob, glob_escape
 from plugins.runtime import validation
 from plugins.runtime.context import CallContext
-from plugins.runtime.errors import InvalidArgument, Unavailable
+from plugins.runtime.errors import InvalidArgument, ResourceExhausted, Unavailable
 from tests.support.servers import ThrowawayServer, free_port
 from tests.support.wait import eventually
 
@@ -247,3 +248,21 @@ async def test_stream_offsets_are_redis_ids_0_n_and_survive_trimming(
         await raw.aclose()
     assert entries is not None
     assert [ident for ident, _ in entries] == [b"0-4"]
+
+
+async def test_a_subscriber_that_does_not_read_ends_with_slow_subscriber(
+    plugin: RedisPlugin, ctx: CallContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the backlog limit the stream ends with RESOURCE_EXHAUSTED after delivering what it
+    buffered: messages are never dropped silently."""
+    monkeypatch.setattr(redis_pubsub, "MAX_BACKLOG", 5)
+    stream = plugin.pubsub.subscribe(pubsub.SubscribeRequest(topic="t"), ctx)
+    assert (await anext(stream)).HasField("started")
+    for i in range(8):
+        await plugin.pubsub.publish(pubsub.PublishRequest(topic="t", payload=b"%d" % i), ctx)
+    received = []
+    with pytest.raises(ResourceExhausted) as err:
+        async for event in stream:
+            received.append(event.message.payload)
+    assert err.value.reason == "SLOW_SUBSCRIBER"
+    assert received == [b"0", b"1", b"2", b"3", b"4"]
