@@ -7,6 +7,7 @@ the proto's two ranking guarantees; `score` is the reference ranking used in mem
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Sequence
@@ -45,7 +46,7 @@ def words(text: str) -> list[re.Match[str]]:
 
 def normalized(text: str) -> list[str]:
     """The lower-cased words of `text`, in order."""
-    return [m.group().lower() for m in _WORD.finditer(text)]
+    return [w.lower() for w in _WORD.findall(text)]
 
 
 def query_terms(query: str, field: str = "query") -> list[str]:
@@ -100,17 +101,23 @@ def field_texts(body: Any, path: Path) -> list[str]:
 
 @dataclass(frozen=True, slots=True)
 class FieldWords:
-    """The normalized words of one field of one document (one list per string)."""
+    """The normalized words of one field of one document (one list per string); all of them
+    in one list too, for the counts scoring asks for again and again."""
 
     field: SearchField
     texts: list[list[str]]
+    _all: list[str] = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        joined = self.texts[0] if len(self.texts) == 1 else [w for t in self.texts for w in t]
+        object.__setattr__(self, "_all", joined)
 
     @property
     def length(self) -> int:
-        return sum(len(t) for t in self.texts)
+        return len(self._all)
 
     def count(self, term: str) -> int:
-        return sum(t.count(term) for t in self.texts)
+        return self._all.count(term)
 
     def exact(self, query_words: list[str]) -> bool:
         return any(t == query_words for t in self.texts)
