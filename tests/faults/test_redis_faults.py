@@ -1,10 +1,11 @@
 """Redis dies mid-run (SIGKILL) and comes back on the same port and data dir: calls fail fast
 with UNAVAILABLE, health goes NOT_SERVING, and the plugin recovers on its own with every
 acknowledged write (keys and queued messages) intact: the throwaway server fsyncs its
-append-only file on every write."""
+append-only file on every write. A live subscription ends with UNAVAILABLE instead of hanging."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,6 +14,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prism.interfaces.keyvalue.v1 import keyvalue_basic_pb2 as basic
 from prism.interfaces.keyvalue.v1.keyvalue_basic_pb2_grpc import KeyValueBasicServiceStub
+from prism.interfaces.pubsub.v1 import pubsub_basic_pb2 as pubsub_pb
+from prism.interfaces.pubsub.v1.pubsub_basic_pb2_grpc import PubSubBasicServiceStub
 from prism.interfaces.queue.v1 import queue_basic_pb2 as queue_pb
 from prism.interfaces.queue.v1.queue_basic_pb2_grpc import QueueBasicServiceStub
 
@@ -24,6 +27,7 @@ if TYPE_CHECKING:
     from prism.interfaces.keyvalue.v1.keyvalue_basic_pb2_grpc import (
         KeyValueBasicServiceAsyncStub,
     )
+    from prism.interfaces.pubsub.v1.pubsub_basic_pb2_grpc import PubSubBasicServiceAsyncStub
     from prism.interfaces.queue.v1.queue_basic_pb2_grpc import QueueBasicServiceAsyncStub
 
 SERVICE = "prism.interfaces.keyvalue.v1.KeyValueBasicService"
@@ -51,7 +55,7 @@ async def _get(kv: KeyValueBasicServiceAsyncStub, key: str) -> basic.GetResponse
 async def test_redis_killed_and_restarted(tmp_path: Path) -> None:
     with throwaway("redis") as db:
         slot = {"backend": "redis", "config": {"connection": db.url, "key_prefix": "fault:"}}
-        slots = {"keyvalue": slot, "queue": slot}
+        slots = {"keyvalue": slot, "queue": slot, "pubsub": slot}
         config = {"namespaces": [{"name": "ns1", "pattern": "direct", "slots": slots}]}
         async with (
             running_server(config, tmp_path, health_interval=0.2) as server,
@@ -73,8 +77,19 @@ async def test_redis_killed_and_restarted(tmp_path: Path) -> None:
                 )
                 enqueued.add(sent.message_id)
             assert await _status(health) == health_pb2.HealthCheckResponse.SERVING
+            pubsub: PubSubBasicServiceAsyncStub = PubSubBasicServiceStub(channel)
+            subscription = pubsub.Subscribe(pubsub_pb.SubscribeRequest(topic="news"), metadata=META)
+            events = aiter(subscription)
+            assert (await anext(events)).HasField("started")
 
             db.kill()
+
+            try:  # a live subscription cannot go on honestly: it ends, it does not hang
+                await asyncio.wait_for(anext(events), CALL_DEADLINE)
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+            else:
+                raise AssertionError("the subscription went on while redis was down")
 
             for call in (
                 kv.Get(basic.GetRequest(key="k1"), metadata=META, timeout=CALL_DEADLINE),
