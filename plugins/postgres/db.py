@@ -131,7 +131,12 @@ class Database:
         if not self._opened:
             await self.pool.open(wait=False)
             self._opened = True
-        await self._ensure_migrated(self.connect_timeout)
+            self._suspect = True  # connect directly first: its error says why, not just "timeout"
+        try:
+            await self._ready(self.connect_timeout)
+        except BaseException:
+            await self.close()  # no pool left retrying in the background of a failed start
+            raise
 
     async def close(self) -> None:
         if self._opened:
