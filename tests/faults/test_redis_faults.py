@@ -128,6 +128,15 @@ async def test_redis_killed_and_restarted(tmp_path: Path) -> None:
             assert {m.message_id for m in peeked.messages} == enqueued
             after = await kv.Set(basic.SetRequest(key="k0", value=b"new"), metadata=META)
             assert after.revision > max(r for _, r in acknowledged.values())
+            resumed = aiter(
+                pubsub.Subscribe(pubsub_pb.SubscribeRequest(topic="news"), metadata=META)
+            )
+            assert (await anext(resumed)).HasField("started")
+            await pubsub.Publish(
+                pubsub_pb.PublishRequest(topic="news", payload=b"back"), metadata=META
+            )
+            event = await asyncio.wait_for(anext(resumed), CALL_DEADLINE)
+            assert event.message.payload == b"back"
 
 
 async def _is(health: health_pb2_grpc.HealthStub, status: int) -> bool:
