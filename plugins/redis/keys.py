@@ -13,6 +13,8 @@ segment a one-letter tag tells the structures apart:
 | `<p><ns>i` | sorted set | every key of the namespace, score 0: ZRANGE BYLEX pages by bytes |
 | `<p><ns>x` | sorted set | keys with an expiry, scored by expiry time (ms), to prune `i` |
 | `<p><ns>q:<queue>:<tag>`, `<p><ns>qm:<id>` | | queues (plugins/redis/queue_scripts.py) |
+| `<p><ns>s:<stream>:<tag>` | | streams (plugins/redis/stream_scripts.py) |
+| `<p><ns>ps:<topic>` | channel | pub/sub (plugins/redis/pubsub.py) |
 """
 
 from __future__ import annotations
