@@ -66,6 +66,14 @@ class Keyspace:
     def message_prefix(self) -> bytes:
         return self.segment + b"qm:"
 
+    def stream_prefix(self, stream: str) -> bytes:
+        """A stream's keys: `<stream_prefix><tag>` (stream names never contain `:`)."""
+        return self.segment + f"s:{stream}:".encode("ascii")
+
+    @property
+    def channel_prefix(self) -> bytes:
+        return self.segment + b"ps:"
+
 
 def lex_range(prefix: str, after: str | None) -> tuple[bytes, bytes]:
     """ZRANGE BYLEX bounds for the keys starting with `prefix` (literal bytes: BYLEX has no

@@ -77,7 +77,7 @@ class RedisPubSub:
         self.subscriptions: dict[str, _Subscription] = {}
 
     def _channel_prefix(self, ctx: CallContext) -> bytes:
-        return Keyspace(self.key_prefix, ctx.namespace).segment + b"ps:"
+        return Keyspace(self.key_prefix, ctx.namespace).channel_prefix
 
     async def close(self) -> None:
         for sub in self.subscriptions.values():

@@ -127,7 +127,7 @@ class RedisStream:
         self._acked: dict[tuple[str, str, str], asyncio.Event] = {}
 
     def _prefix(self, ctx: CallContext, stream: str) -> bytes:
-        return Keyspace(self.key_prefix, ctx.namespace).segment + f"s:{stream}:".encode("ascii")
+        return Keyspace(self.key_prefix, ctx.namespace).stream_prefix(stream)
 
     def _run(self, ctx: CallContext, script: Any, stream: str, *args: bytes | str | int) -> Any:
         return self.conn.eval(ctx, script, [], [self._prefix(ctx, stream), *args])
