@@ -9,6 +9,7 @@ the `prism.access` logger at INFO.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -56,7 +57,7 @@ def _wrap(method: str, handler: Handler) -> Handler:
         inner: Any = handler.unary_unary
 
         async def unary(request: Any, context: Context) -> Any:
-            token, started, namespace = await _begin(context)
+            started, namespace = await _begin(context)
             failed: BaseException | None = None
             try:
                 return await inner(request, context)
@@ -65,7 +66,6 @@ def _wrap(method: str, handler: Handler) -> Handler:
                 raise
             finally:
                 _finish(method, namespace, context, started, failed)
-                current_request_id.reset(token)
 
         return grpc.unary_unary_rpc_method_handler(
             unary,
@@ -76,17 +76,19 @@ def _wrap(method: str, handler: Handler) -> Handler:
         inner_stream: Any = handler.unary_stream
 
         async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
-            token, started, namespace = await _begin(context)
+            started, namespace = await _begin(context)
             failed: BaseException | None = None
             try:
-                async for item in inner_stream(request, context):
-                    yield item
+                # closed here, not whenever the garbage collector gets to it: a cancelled call
+                # must end the plugin's stream (and free what it holds) right away
+                async with contextlib.aclosing(inner_stream(request, context)) as items:
+                    async for item in items:
+                        yield item
             except BaseException as exc:
                 failed = exc
                 raise
             finally:
                 _finish(method, namespace, context, started, failed)
-                current_request_id.reset(token)
 
         return grpc.unary_stream_rpc_method_handler(
             stream,
@@ -96,7 +98,9 @@ def _wrap(method: str, handler: Handler) -> Handler:
     return handler
 
 
-async def _begin(context: Context) -> tuple[Any, float, str]:
+async def _begin(context: Context) -> tuple[float, str]:
+    """Every RPC runs in its own asyncio task, hence its own copy of the context: the request
+    id set here is seen by that call alone and needs no reset."""
     request_id = namespace = ""
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_HEADER and isinstance(value, str):
@@ -104,9 +108,9 @@ async def _begin(context: Context) -> tuple[Any, float, str]:
         elif key == NAMESPACE_HEADER and isinstance(value, str):
             namespace = value
     request_id = request_id or uuid.uuid4().hex
-    token = current_request_id.set(request_id)
+    current_request_id.set(request_id)
     await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
-    return token, time.perf_counter(), namespace
+    return time.perf_counter(), namespace
 
 
 def _finish(
