@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -32,6 +33,11 @@ from plugins.runtime.errors import InvalidArgument, ResourceExhausted, Unavailab
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class Unsubscribable(Protocol):
+    async def unsubscribe(self) -> None: ...
+
 
 # What a lost or unanswering server looks like through nats-py.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -207,6 +213,12 @@ class NatsConnection:
                 "bytes); raise max_payload in the server's configuration",
                 reason="MESSAGE_TOO_LARGE",
             ) from exc
+
+    async def unsubscribe(self, sub: Unsubscribable) -> None:
+        """Best effort: when the connection is gone, so is the subscription."""
+        if self.client.is_connected:
+            with contextlib.suppress(*CLIENT_ERRORS):
+                await sub.unsubscribe()
 
     async def healthy(self) -> bool:
         """Connected, and JetStream answers a cheap account-info request quickly."""

@@ -185,8 +185,7 @@ class NatsConsumerGroups:
                         )
                         yield groups_pb.JoinConsumerGroupResponse(record=record)
             finally:
-                if self.conn.client.is_connected:
-                    await sub.unsubscribe()
+                await self.conn.unsubscribe(sub)
         finally:
             state.live.discard(consumer)
 

@@ -93,8 +93,8 @@ class NatsPubSub:
                 yield item
         finally:
             self.subscriptions.discard(sub)
-            if nats_sub is not None and self.conn.client.is_connected:
-                await nats_sub.unsubscribe()
+            if nats_sub is not None:
+                await self.conn.unsubscribe(nats_sub)
 
     async def _subscribe(self, subject: str, callback: Callable[[Msg], object]) -> NatsSubscription:
         """SUB, then PING/PONG: once flushed, the server routes every later publish to us."""
@@ -106,7 +106,7 @@ class NatsPubSub:
         try:
             await self.conn.client.flush(self.conn.settings.request_timeout)  # type: ignore[arg-type]
         except BaseException:
-            await nats_sub.unsubscribe()
+            await self.conn.unsubscribe(nats_sub)
             raise
         return nats_sub
 

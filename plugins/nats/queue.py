@@ -428,8 +428,7 @@ class NatsQueue:
         try:
             yield woken
         finally:
-            if self.conn.client.is_connected:
-                await sub.unsubscribe()
+            await self.conn.unsubscribe(sub)
 
     async def peek(self, request: basic_pb.PeekRequest, ctx: CallContext) -> basic_pb.PeekResponse:
         queue = validation.queue_name(request.queue)

@@ -190,8 +190,7 @@ class JetStreams:
             try:
                 yield sub, info
             finally:
-                with contextlib.suppress(*CONNECTION_ERRORS, nats.errors.Error):
-                    await sub.unsubscribe()
+                await self.conn.unsubscribe(sub)
         finally:
             if self.conn.client.is_connected:
                 with contextlib.suppress(*CONNECTION_ERRORS, nats.errors.Error, Unavailable):
