@@ -1,8 +1,9 @@
 """nats-server dies mid-run (SIGKILL) and restarts on the same port and JetStream store dir:
 calls fail fast with UNAVAILABLE, a live subscription ends with UNAVAILABLE instead of silently
 missing messages, health goes NOT_SERVING, and the plugin's background reconnect brings it back
-by itself with every acknowledged stream append intact (same offsets, same payloads) and every
-queue message and lease where it was (leases live in a JetStream KV, so they survive too)."""
+by itself with every acknowledged stream append and persistent publish intact (same offsets and
+sequences, same payloads) and every queue message and lease where it was (leases live in a
+JetStream KV, so they survive too)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prism.interfaces.pubsub.v1 import pubsub_basic_pb2 as pubsub
+from prism.interfaces.pubsub.v1 import pubsub_persistent_pb2 as persistent
 from prism.interfaces.pubsub.v1.pubsub_basic_pb2_grpc import PubSubBasicServiceStub
+from prism.interfaces.pubsub.v1.pubsub_persistent_pb2_grpc import PubSubPersistentServiceStub
 from prism.interfaces.queue.v1 import queue_basic_pb2 as queue
 from prism.interfaces.queue.v1.queue_basic_pb2_grpc import QueueBasicServiceStub
 from prism.interfaces.stream.v1 import stream_basic_pb2 as stream
@@ -69,6 +72,14 @@ async def test_nats_killed_and_restarted(tmp_path: Path) -> None:
             streams = StreamBasicServiceStub(channel)
             topics = PubSubBasicServiceStub(channel)
             jobs = QueueBasicServiceStub(channel)
+            log = PubSubPersistentServiceStub(channel)
+            logged = []
+            for i in range(5):
+                published = await log.PublishPersistent(
+                    persistent.PublishPersistentRequest(topic="audit", payload=b"a%d" % i),
+                    metadata=META,
+                )
+                logged.append((published.sequence, published.message_id, b"a%d" % i))
             enqueued = [
                 (
                     await jobs.Enqueue(
@@ -157,6 +168,21 @@ async def test_nats_killed_and_restarted(tmp_path: Path) -> None:
                 stream.AppendRequest(stream="events", payload=b"after"), metadata=META
             )
             assert after.offset == 31
+            last = await log.GetLastMessageID(
+                persistent.GetLastMessageIDRequest(topic="audit"), metadata=META
+            )
+            assert (last.sequence, last.message_id) == logged[-1][:2]
+            durable = log.SubscribeDurable(
+                persistent.SubscribeDurableRequest(
+                    topic="audit", durable_name="after", start=persistent.START_POSITION_BEGINNING
+                ),
+                metadata=META,
+            )
+            replayed = durable.__aiter__()
+            assert (await anext(replayed)).WhichOneof("event") == "started"
+            got = [(await asyncio.wait_for(anext(replayed), DEADLINE)).message for _ in logged]
+            assert [(m.sequence, m.message_id, m.payload) for m in got] == logged
+            durable.cancel()
             # the acked job is gone, the leased one is still leased, the rest wait in order
             waiting = await jobs.Peek(
                 queue.PeekRequest(queue="jobs", max_messages=100), metadata=META
