@@ -5,9 +5,11 @@ on an indexed path must be planned as an index search, not a scan."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from prism.interfaces.document.v1 import document_query_pb2 as query_pb
 from plugins.runtime import docfilter
 from plugins.runtime.context import CallContext
 from plugins.sqlite import SqlitePlugin
-from plugins.sqlite.document import select_statement
+from plugins.sqlite.document import DOC_COLUMNS, select_statement
 
 SCALARS: list[Any] = [None, True, False, 0, 1, 1.0, 2.5, -3, 10**20, "", "a", "b", "1", "é", "ab"]
 PATHS = ["a", "b", "n.x", "n.y"]
@@ -181,10 +183,9 @@ async def check_aggregate(
     assert got == expected, (flt, group_by, unwind, accumulators)
 
 
-def plan(conn: sqlite3.Connection, flt: dict[str, Any]) -> list[str]:
-    statement, params = select_statement(
-        conn, "ns", "c", docfilter.parse_filter(json.dumps(flt)), limit=20
-    )
+def plan(conn: sqlite3.Connection, flt: dict[str, Any], words: str | None = None) -> list[str]:
+    node = docfilter.parse_filter(json.dumps(flt))
+    statement, params = select_statement(conn, "ns", "c", node, DOC_COLUMNS, words=words)
     return [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + statement, params)]
 
 
@@ -216,5 +217,36 @@ async def test_equality_on_an_indexed_path_searches_the_index(plugin: SqlitePlug
         # a path no index leads is still answered, by reading the collection
         steps = plan(conn, {"tags": "x"})
         assert not any(s.startswith("SEARCH docs USING INTEGER PRIMARY KEY") for s in steps), steps
+        # search: the word index alone picks the candidates, even beside an indexed condition
+        steps = plan(conn, {"lineage": "l3"}, words='"x" AND "l3"')
+        assert steps[0] == "SEARCH docs USING INTEGER PRIMARY KEY (rowid=?)", steps
+        assert any(s.startswith("SCAN doc_words VIRTUAL TABLE") for s in steps), steps
+        assert not any(s.startswith(("SCAN docs", "SEARCH docs USING INDEX")) for s in steps)
     finally:
         conn.close()
+
+
+async def test_reads_do_not_wait_for_the_writer(plugin: SqlitePlugin) -> None:
+    """A query is answered while the writer thread holds an open write transaction."""
+    ctx = CallContext(namespace="ns")
+    await plugin.documents.insert(basic_pb.InsertRequest(collection="c", id="a", json="{}"), ctx)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold(conn: sqlite3.Connection) -> None:
+        conn.execute("UPDATE docs SET body = '{\"x\":1}' WHERE id = 'a'")
+        holding.set()
+        release.wait(10)
+
+    writing = asyncio.ensure_future(plugin.db.write(hold))
+    try:
+        assert await asyncio.get_running_loop().run_in_executor(None, holding.wait, 10)
+        found = await asyncio.wait_for(
+            plugin.documents.find(query_pb.FindRequest(collection="c"), ctx), 5
+        )
+        assert [(d.id, d.json) for d in found.documents] == [("a", "{}")]  # last commit
+        assert not writing.done()
+    finally:
+        release.set()
+        await writing
+    found = await plugin.documents.find(query_pb.FindRequest(collection="c"), ctx)
+    assert [d.json for d in found.documents] == ['{"x":1}']
