@@ -127,11 +127,12 @@ class Database:
             await AsyncConnectionPool.check_connection(conn)
 
     async def open(self) -> None:
-        """Open the pool and migrate; Unavailable (fast) when the server cannot be reached."""
+        """Open the pool and migrate; Unavailable within connect_timeout when the server cannot
+        be reached (the pool keeps trying until then: a server still starting up is waited
+        for)."""
         if not self._opened:
             await self.pool.open(wait=False)
             self._opened = True
-            self._suspect = True  # connect directly first: its error says why, not just "timeout"
         try:
             await self._ready(self.connect_timeout)
         except BaseException:
