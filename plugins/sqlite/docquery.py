@@ -35,6 +35,9 @@ _VALUE_SQL = (
 #: preference among conditions that could drive a query from an index (lower first): equality
 #: on a string or number usually selects a few rows, a boolean often half the collection
 _EQ_VALUE, _IN_VALUES, _RANGE, _EQ_BOOL = range(4)
+#: an $in longer than this drives no query: it is rarely selective, and its values would be
+#: bound twice more (SQLite caps the parameters of one statement)
+MAX_DRIVER_VALUES = 256
 
 
 def json_path(path: docfilter.Path, field: str = "filter") -> str:
@@ -101,7 +104,7 @@ class Sql:
         if not node.children:
             return "1" if isinstance(node, And) else "0"
         joiner = " AND " if isinstance(node, And) else " OR "
-        return "(" + joiner.join(self.where(c) for c in node.children) + ")"
+        return _balanced(joiner, [self.where(c) for c in node.children])
 
     def _condition(self, c: Condition) -> str:
         path = path_literal(c.path)
@@ -117,8 +120,8 @@ class Sql:
             return "1" if c.op == "$nin" else "0"
         parts = [f"IFNULL({self._eq(path, v)}, 0)" for v in c.operand]
         if c.op == "$all":
-            return "(" + " AND ".join(parts) + ")"
-        any_of = "(" + " OR ".join(parts) + ")"
+            return _balanced(" AND ", parts)
+        any_of = _balanced(" OR ", parts)
         return any_of if c.op == "$in" else f"(NOT {any_of})"
 
     def _eq(self, path: str, operand: Any) -> str:
@@ -175,7 +178,7 @@ class Sql:
         operands: tuple[Any, ...]
         if c.op == "$eq":
             operands = (c.operand,)
-        elif c.op == "$in" and c.operand:
+        elif c.op == "$in" and 0 < len(c.operand) <= MAX_DRIVER_VALUES:
             operands = c.operand
         else:
             return None
@@ -228,6 +231,15 @@ class Sql:
                 beyond = f"({r} {op} {rank} OR ({r} = {rank} AND {v} {op} {value}))"
             alternatives.append("(" + " AND ".join([*equal, beyond]) + ")")
         return "(" + " OR ".join(alternatives) + ")"
+
+
+def _balanced(joiner: str, parts: list[str]) -> str:
+    """`parts` joined as a balanced tree: SQLite refuses expressions nested 1000 deep, which a
+    flat chain of a long $in (or $or) would be."""
+    if len(parts) == 1:
+        return f"({parts[0]})"
+    middle = len(parts) // 2
+    return f"({_balanced(joiner, parts[:middle])}{joiner}{_balanced(joiner, parts[middle:])})"
 
 
 def _types(operand: Any) -> str:
