@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -268,7 +269,7 @@ class PostgresDocuments:
         node: docfilter.Node,
         ctx: CallContext,
         *,
-        columns: str = DOC_COLUMNS,
+        columns: str | Callable[[Sql], str] = DOC_COLUMNS,
         spec: docfilter.SortSpec | None = None,
         after: docfilter.SortKey | None = None,
         limit: int | None = None,
@@ -277,6 +278,7 @@ class PostgresDocuments:
         """Rows of the collection matching `node` (and holding every one of `words`), in
         `spec` order after `after`."""
         builder = Sql()
+        selected = columns if isinstance(columns, str) else columns(builder)
         where = builder.where(node)
         if spec is not None and after is not None:
             where += " AND " + builder.after(spec, after)
@@ -285,7 +287,7 @@ class PostgresDocuments:
         order = f" ORDER BY {builder.order_by(spec)}" if spec is not None else ""
         bound = f" LIMIT {builder.p(limit, '::bigint')}" if limit is not None else ""
         statement = (
-            f"SELECT {columns} FROM prism_docs WHERE ns = %(ns)s AND collection = %(coll)s "
+            f"SELECT {selected} FROM prism_docs WHERE ns = %(ns)s AND collection = %(coll)s "
             f"AND {where}{order}{bound}"
         )
         params = {**builder.params, "ns": ctx.namespace, "coll": collection}
@@ -348,8 +350,19 @@ class PostgresDocuments:
         size = validation.page_size(request.page_size)
         scope = docfilter.token_scope(collection, request.filter, spec.canonical())
         position = validation.decode_page_token(request.page_token, "postgres.aggregate", scope)
-        rows = await self._select(collection, node, ctx, columns="body::text")
-        groups = docfilter.aggregate((json.loads(r[0]) for r in rows), spec)
+        paths = [p for p in [spec.group_by] if p is not None]
+        paths += [path for _, path in spec.accumulators]
+
+        def values(builder: Sql) -> str:
+            """Only the values aggregation reads (missing ones come back as null)."""
+            return f"jsonb_build_array({', '.join(builder.value(p) for p in paths)})::text"
+
+        rows = await self._select(collection, node, ctx, columns=values)
+        first = 0 if spec.group_by is None else 1
+        groups = docfilter.aggregate_values(
+            ((v[0] if first else None, v[first:]) for v in (json.loads(r[0]) for r in rows)),
+            spec,
+        )
         if position is not None:
             groups = [(g, v) for g, v in groups if docfilter.group_after(g, position)]
         token = ""

@@ -14,7 +14,7 @@ from prism.interfaces.document.v1 import document_query_pb2 as query_pb
 from prism.interfaces.document.v1 import document_search_pb2 as search_pb
 
 from plugins.postgres import PostgresPlugin
-from plugins.postgres.document import search_words
+from plugins.postgres.document import ACCUMULATOR_NAMES, search_words
 from plugins.runtime import docfilter
 from plugins.runtime.context import CallContext
 from tests.unit.sqlite.test_sqlite_docquery import PATHS, random_body, random_filter
@@ -92,3 +92,33 @@ async def test_search_matches_words_the_postgres_parser_would_merge(
             search_pb.SearchRequest(collection="s", query=query, fields=fields), ctx
         )
         assert [h.document.id for h in resp.hits] == expected, query
+
+
+async def test_aggregate_agrees_with_reference(plugin: PostgresPlugin, namespace: str) -> None:
+    """Aggregation reads only the grouped and accumulated values from JSONB; the groups must be
+    the ones the reference computes from whole bodies."""
+    rng = random.Random(99)
+    ctx = CallContext(namespace=namespace)
+    bodies = [random_body(rng) for _ in range(50)]
+    for i, body in enumerate(bodies):
+        req = basic_pb.InsertRequest(collection="g", id=f"d{i}", json=json.dumps(body))
+        await plugin.documents.insert(req, ctx)
+    ops = list(ACCUMULATOR_NAMES.items())
+    for group_by, unwind in (("", False), ("a", False), ("a", True), ("n.x", True)):
+        accumulators = [(op, rng.choice(PATHS)) for op, _ in ops]
+        spec = docfilter.parse_aggregate(
+            group_by, unwind, [(ACCUMULATOR_NAMES[op], path) for op, path in accumulators]
+        )
+        expected = [(g.key_json, g.count, v) for g, v in docfilter.aggregate(bodies, spec)]
+        reply = await plugin.documents.aggregate(
+            query_pb.AggregateRequest(
+                collection="g",
+                group_by=group_by,
+                unwind=unwind,
+                accumulators=[query_pb.Accumulator(op=op, field=p) for op, p in accumulators],
+                page_size=1000,
+            ),
+            ctx,
+        )
+        got = [(g.key_json, g.count, list(g.values_json)) for g in reply.groups]
+        assert got == expected, (group_by, unwind, accumulators)
