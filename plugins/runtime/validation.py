@@ -305,6 +305,18 @@ def topic_pattern(text: str, field: str = "pattern") -> list[str]:
     return _tokens(text, field, "pattern")
 
 
+MAX_ORDERING_KEY_BYTES = 256
+
+
+def ordering_key(value: str, field: str = "ordering_key") -> str:
+    """PubSubOrderingService's key: non-empty, at most 256 bytes of UTF-8."""
+    if not value:
+        raise InvalidArgument(field, "must not be empty")
+    if len(value.encode("utf-8")) > MAX_ORDERING_KEY_BYTES:
+        raise InvalidArgument(field, f"longer than {MAX_ORDERING_KEY_BYTES} bytes")
+    return value
+
+
 def topic_matches(pattern: list[str], topic_tokens: list[str]) -> bool:
     """NATS matching: `*` is exactly one token, a final `>` one or more trailing tokens."""
     for i, token in enumerate(pattern):
