@@ -115,6 +115,8 @@ class NatsConnection:
         self._buckets: dict[str, KeyValue] = {}
         # called when the connection drops (live subscriptions end: core NATS loses messages)
         self.on_disconnect: list[Callable[[], None]] = []
+        # called with every asynchronous client error (e.g. a subscription's slow consumer)
+        self.on_error: list[Callable[[Exception], None]] = []
 
     @property
     def js(self) -> JetStreamContext:
@@ -176,9 +178,10 @@ class NatsConnection:
             self._js = None
             await self.client.close()
 
-    @staticmethod
-    async def _on_error(exc: Exception) -> None:
+    async def _on_error(self, exc: Exception) -> None:
         log.debug("nats client error: %r", exc)
+        for listener in self.on_error:
+            listener(exc)
 
     async def _on_disconnected(self) -> None:
         if self._js is None:  # our own close()
