@@ -19,7 +19,7 @@ from plugins.runtime.errors import InvalidArgument, Unavailable
 DEFAULT_SUBJECT_PREFIX = "prism"
 PUBSUB_INTERFACES = ("pubsub_basic", "pubsub_wildcards", "pubsub_filtering", "pubsub_ordering")
 STREAM_INTERFACES = ("stream_basic", "stream_replay", "stream_retention")
-QUEUE_INTERFACES = ("queue_basic", "queue_visibility", "queue_dead_letter")
+QUEUE_INTERFACES = ("queue_basic", "queue_visibility", "queue_dead_letter", "queue_delayed")
 
 
 def _positive(config: Mapping[str, Any], name: str, default: float) -> float:

@@ -19,6 +19,9 @@ with JetStream as the only store and compare-and-set as the only lock:
   plugin instance can judge them; expired leases are settled (dead-lettered when they used up
   max_deliveries) at the start of every Dequeue, Peek and Redrive of the queue.
 - The dead-letter configuration is key `c.<ns>.Q` of the same bucket.
+- A scheduled message (EnqueueDelayed) carries header Prism-Due (unix ns) and stays invisible
+  until then; its place is where it was appended, as the contract wants. GetScheduledCount reads
+  the queue's headers (headers-only consumer), so it costs one pass over the queue.
 
 Dequeue and Peek read the states of the queue's leases and the queue's messages in order (two
 ephemeral JetStream readers), so each costs a few round trips plus the number of leased
@@ -37,10 +40,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import nats.js.errors
+from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.kv import KeyValue
 from prism.interfaces.queue.v1 import queue_basic_pb2 as basic_pb
 from prism.interfaces.queue.v1 import queue_dead_letter_pb2 as dlq_pb
+from prism.interfaces.queue.v1 import queue_delayed_pb2 as delayed_pb
 from prism.interfaces.queue.v1 import queue_visibility_pb2 as visibility_pb
 
 from plugins.nats.connection import NatsConnection, namespace_token
@@ -52,10 +57,16 @@ from plugins.runtime.errors import FailedPrecondition, NotFound
 KIND = "q"
 BUCKET = "queues"
 ORIGIN = "Prism-Origin"
+DUE = "Prism-Due"
 DEFAULT_VISIBILITY_SECONDS = 30.0
 POLL_SECONDS = 0.25
 # `until` markers of states that are not leases: the message is being moved or was acked.
 MOVING = -1
+
+
+def _due(msg: Msg) -> int:
+    """When a scheduled message becomes visible (unix ns; 0 for ordinary ones)."""
+    return int((msg.headers or {}).get(DUE, 0))
 
 
 @dataclass
@@ -87,7 +98,7 @@ class _Visible:
 
 
 class NatsQueue:
-    """queue_basic, queue_visibility and queue_dead_letter."""
+    """queue_basic, queue_visibility, queue_dead_letter and queue_delayed."""
 
     def __init__(self, conn: NatsConnection) -> None:
         self.conn = conn
@@ -207,7 +218,7 @@ class NatsQueue:
                     if state is not None and state.hides(now):
                         hidden -= 1
                         continue
-                    if wanted is not None and not wanted(origin):
+                    if _due(msg) > now or (wanted is not None and not wanted(origin)):
                         continue
                     message = basic_pb.Message.FromString(msg.data)
                     message.delivery_count = state.n if state is not None else 0
@@ -343,10 +354,14 @@ class NatsQueue:
 
     # queue_basic ------------------------------------------------------------------------------
 
-    async def enqueue(
-        self, request: basic_pb.EnqueueRequest, ctx: CallContext
-    ) -> basic_pb.EnqueueResponse:
-        queue = validation.queue_name(request.queue)
+    async def _append(
+        self,
+        ctx: CallContext,
+        queue: str,
+        request: basic_pb.EnqueueRequest | delayed_pb.EnqueueDelayedRequest,
+        due: int = 0,
+    ) -> str:
+        """Store a new message at the end of the queue (hidden until `due`, unix ns); its id."""
         message = basic_pb.Message(
             message_id=secrets.token_urlsafe(16),
             payload=validation.value(request.payload, "payload"),
@@ -354,8 +369,49 @@ class NatsQueue:
         )
         message.enqueue_time.FromNanoseconds(time.time_ns())
         stream, subject = self.jetstreams.names(ctx, queue)
-        await self.jetstreams.publish(ctx, stream, subject, message.SerializeToString())
-        return basic_pb.EnqueueResponse(message_id=message.message_id)
+        headers = {DUE: str(due)} if due > time.time_ns() else None
+        body = message.SerializeToString()
+        await self.jetstreams.publish(ctx, stream, subject, body, headers=headers)
+        return message.message_id
+
+    async def enqueue(
+        self, request: basic_pb.EnqueueRequest, ctx: CallContext
+    ) -> basic_pb.EnqueueResponse:
+        queue = validation.queue_name(request.queue)
+        return basic_pb.EnqueueResponse(message_id=await self._append(ctx, queue, request))
+
+    # queue_delayed ----------------------------------------------------------------------------
+
+    async def enqueue_delayed(
+        self, request: delayed_pb.EnqueueDelayedRequest, ctx: CallContext
+    ) -> delayed_pb.EnqueueDelayedResponse:
+        queue = validation.queue_name(request.queue)
+        due = int(validation.deliver_at(request, time.time()) * 1e9)
+        response = delayed_pb.EnqueueDelayedResponse(
+            message_id=await self._append(ctx, queue, request, due)
+        )
+        response.deliver_time.FromNanoseconds(due)
+        return response
+
+    async def get_scheduled_count(
+        self, request: delayed_pb.GetScheduledCountRequest, ctx: CallContext
+    ) -> delayed_pb.GetScheduledCountResponse:
+        queue = validation.queue_name(request.queue)
+        stream, _ = self.jetstreams.names(ctx, queue)
+        if await self.jetstreams.info(ctx, stream) is None:
+            return delayed_pb.GetScheduledCountResponse()
+        now = time.time_ns()
+        count = 0
+        position = {"deliver_policy": api.DeliverPolicy.ALL, "headers_only": True}
+        async with self.jetstreams.reader(ctx, stream, **position) as (sub, reader):
+            remaining = reader.num_pending or 0
+            while remaining > 0:
+                msgs = await self.jetstreams.fetch(sub, min(BATCH, remaining))
+                if not msgs:
+                    break
+                remaining -= len(msgs)
+                count += sum(1 for msg in msgs if _due(msg) > now)
+        return delayed_pb.GetScheduledCountResponse(count=count)
 
     async def dequeue(
         self, request: basic_pb.DequeueRequest, ctx: CallContext
