@@ -126,9 +126,10 @@ class QueueBasicServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Dequeue(self, request, context):
-        """Dequeue leases up to max_messages visible messages for the default visibility timeout of
-        30 s. With wait_time it long-polls: it returns as soon as at least one message is visible
-        (without waiting to fill max_messages), or with no messages once wait_time has passed.
+        """Dequeue leases up to max_messages visible messages for the slot's default visibility
+        timeout (30 s unless the backend config sets another). With wait_time it long-polls: it
+        returns as soon as at least one message is visible (without waiting to fill max_messages),
+        or with no messages once wait_time has passed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

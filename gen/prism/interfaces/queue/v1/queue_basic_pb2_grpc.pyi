@@ -67,9 +67,10 @@ class QueueBasicServiceStub:
     queue, at most 64 characters from [A-Za-z0-9_-].
     """
     Dequeue: _grpc.UnaryUnaryMultiCallable[_queue_basic_pb2.DequeueRequest, _queue_basic_pb2.DequeueResponse]
-    """Dequeue leases up to max_messages visible messages for the default visibility timeout of
-    30 s. With wait_time it long-polls: it returns as soon as at least one message is visible
-    (without waiting to fill max_messages), or with no messages once wait_time has passed.
+    """Dequeue leases up to max_messages visible messages for the slot's default visibility
+    timeout (30 s unless the backend config sets another). With wait_time it long-polls: it
+    returns as soon as at least one message is visible (without waiting to fill max_messages),
+    or with no messages once wait_time has passed.
     """
     Peek: _grpc.UnaryUnaryMultiCallable[_queue_basic_pb2.PeekRequest, _queue_basic_pb2.PeekResponse]
     """Peek returns up to max_messages visible messages in delivery order without leasing them:
@@ -117,9 +118,10 @@ class QueueBasicServiceAsyncStub(QueueBasicServiceStub):
     queue, at most 64 characters from [A-Za-z0-9_-].
     """
     Dequeue: _aio.UnaryUnaryMultiCallable[_queue_basic_pb2.DequeueRequest, _queue_basic_pb2.DequeueResponse]  # type: ignore[assignment]
-    """Dequeue leases up to max_messages visible messages for the default visibility timeout of
-    30 s. With wait_time it long-polls: it returns as soon as at least one message is visible
-    (without waiting to fill max_messages), or with no messages once wait_time has passed.
+    """Dequeue leases up to max_messages visible messages for the slot's default visibility
+    timeout (30 s unless the backend config sets another). With wait_time it long-polls: it
+    returns as soon as at least one message is visible (without waiting to fill max_messages),
+    or with no messages once wait_time has passed.
     """
     Peek: _aio.UnaryUnaryMultiCallable[_queue_basic_pb2.PeekRequest, _queue_basic_pb2.PeekResponse]  # type: ignore[assignment]
     """Peek returns up to max_messages visible messages in delivery order without leasing them:
@@ -176,9 +178,10 @@ class QueueBasicServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _queue_basic_pb2.DequeueRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_queue_basic_pb2.DequeueResponse, _abc.Awaitable[_queue_basic_pb2.DequeueResponse]]:
-        """Dequeue leases up to max_messages visible messages for the default visibility timeout of
-        30 s. With wait_time it long-polls: it returns as soon as at least one message is visible
-        (without waiting to fill max_messages), or with no messages once wait_time has passed.
+        """Dequeue leases up to max_messages visible messages for the slot's default visibility
+        timeout (30 s unless the backend config sets another). With wait_time it long-polls: it
+        returns as soon as at least one message is visible (without waiting to fill max_messages),
+        or with no messages once wait_time has passed.
         """
 
     @_abc_1.abstractmethod
