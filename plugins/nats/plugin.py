@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 from plugins.nats.connection import NatsConnection, Settings, namespace_token, subject_prefix
 from plugins.nats.groups import NatsConsumerGroups
+from plugins.nats.partitions import DEFAULT_PARTITIONS, MAX_PARTITIONS, NatsPartitions
 from plugins.nats.persistent import DEFAULT_MAX_AGE_SECONDS, NatsPersistent
 from plugins.nats.pubsub import NatsPubSub
 from plugins.nats.queue import NatsQueue
@@ -54,7 +55,8 @@ class NatsPlugin(BackendPlugin):
     Config: `connection` (nats://host:port), `subject_prefix` (default "prism"), `stream_name`
     (prefix of JetStream stream names), `connect_timeout_seconds`, `request_timeout_seconds`,
     `reconnect_wait_seconds`, `stream_replicas`, `persistent_max_age_seconds` and
-    `persistent_max_messages` (retention of each namespace's persistent pub/sub log).
+    `persistent_max_messages` (retention of each namespace's persistent pub/sub log),
+    `stream_partitions` (partition count of new partitioned streams).
     """
 
     name: ClassVar[str] = "nats"
@@ -76,6 +78,10 @@ class NatsPlugin(BackendPlugin):
         self.streams = NatsStreams(self.conn)
         self.queue = NatsQueue(self.conn)
         self.groups = NatsConsumerGroups(self.conn, self.streams.jetstreams)
+        partitions = int(config.get("stream_partitions", DEFAULT_PARTITIONS))
+        if not 1 <= partitions <= MAX_PARTITIONS:
+            raise InvalidArgument("stream_partitions", f"must be 1 to {MAX_PARTITIONS}")
+        self.partitions = NatsPartitions(self.conn, self.streams, partitions)
         self._version = "unknown"
 
     def implementations(self) -> Mapping[str, object]:
@@ -85,6 +91,7 @@ class NatsPlugin(BackendPlugin):
             **dict.fromkeys(QUEUE_INTERFACES, self.queue),
             "pubsub_persistent": self.persistent,
             "stream_consumer_groups": self.groups,
+            "stream_partitioning": self.partitions,
         }
 
     def _end_live_streams(self) -> None:

@@ -239,8 +239,9 @@ class NatsStreams:
         name = validation.stream_name(request.stream)
         limit = validation.non_negative(request.max_records, "max_records")
         start = max(request.start_offset, 1)
-        records = self._records(ctx, name, start, None, limit, follow=request.follow)
-        return _wrap(records, lambda r: basic_pb.ReadResponse(record=r))
+        target = self.jetstreams.names(ctx, name)
+        records = self.records(ctx, target, start, None, limit, follow=request.follow)
+        return wrap(records, lambda r: basic_pb.ReadResponse(record=r))
 
     async def get_latest_offset(
         self, request: basic_pb.GetLatestOffsetRequest, ctx: CallContext
@@ -254,12 +255,19 @@ class NatsStreams:
             offset=state.last_seq, first_offset=state.first_seq if state.messages else 0
         )
 
-    async def _records(
-        self, ctx: CallContext, name: str, start: int, end: int | None, limit: int, follow: bool
+    async def records(
+        self,
+        ctx: CallContext,
+        target: tuple[str, str],
+        start: int,
+        end: int | None,
+        limit: int,
+        follow: bool,
     ) -> AsyncGenerator[basic_pb.Record, None]:
-        """Records from `start` in offset order: up to `end` (or the latest offset when the
-        call began) unless following; at most `limit` (0: no limit)."""
-        stream, subject = self.jetstreams.names(ctx, name)
+        """Records of the JetStream stream `target` (name, subject) from `start` in offset
+        order: up to `end` (or the latest offset when the call began) unless following; at most
+        `limit` (0: no limit)."""
+        stream, subject = target
         info = await self.jetstreams.info(ctx, stream)
         last: int | None = None
         if follow:
@@ -300,8 +308,8 @@ class NatsStreams:
     ) -> AsyncIterator[replay_pb.ReplayRangeResponse]:
         name = validation.stream_name(request.stream)
         start, end = validation.replay_range(request.start_offset, request.end_offset)
-        records = self._records(ctx, name, start, end, 0, follow=False)
-        return _wrap(records, lambda r: replay_pb.ReplayRangeResponse(record=r))
+        records = self.records(ctx, self.jetstreams.names(ctx, name), start, end, 0, False)
+        return wrap(records, lambda r: replay_pb.ReplayRangeResponse(record=r))
 
     async def get_offset_for_timestamp(
         self, request: replay_pb.GetOffsetForTimestampRequest, ctx: CallContext
@@ -384,7 +392,7 @@ class NatsStreams:
         return retention_pb.TrimResponse(trimmed=trimmed)
 
 
-async def _wrap(
+async def wrap(
     records: AsyncGenerator[basic_pb.Record, None], event: Callable[[basic_pb.Record], T]
 ) -> AsyncIterator[T]:
     async with contextlib.aclosing(records):  # the reader's consumer is deleted at once
