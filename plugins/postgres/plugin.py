@@ -14,7 +14,7 @@ from plugins.postgres.db import Conn, Database
 from plugins.postgres.document import PostgresDocuments
 from plugins.postgres.keyvalue import TX_ISOLATION, PostgresKeyValue
 from plugins.postgres.pubsub import PostgresPubSub
-from plugins.postgres.queue import PostgresQueue
+from plugins.postgres.queue import PostgresQueue, default_visibility, table_name
 from plugins.runtime.base import BackendPlugin
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import InvalidArgument, PrismError
@@ -78,7 +78,11 @@ class PostgresPlugin(BackendPlugin):
             raise InvalidArgument("max_transactions", "must be between 1 and pool_max_size - 1")
         self.keyvalue = PostgresKeyValue(self.db, max_transactions=max_transactions)
         self.documents = PostgresDocuments(self.db)
-        self.queue = PostgresQueue(self.db)
+        self.queue = PostgresQueue(
+            self.db,
+            table=table_name(config.get("table")),
+            visibility=default_visibility(config.get("visibility_timeout")),
+        )
         self.pubsub = PostgresPubSub(self.db)
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -105,6 +109,11 @@ class PostgresPlugin(BackendPlugin):
 
     async def start(self) -> None:
         await self.db.open()
+        try:
+            await self.queue.prepare(CallContext(namespace=""))
+        except BaseException:
+            await self.db.close()  # no pool left behind by a refused start
+            raise
         if self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep_forever(), name="postgres-sweeper")
 

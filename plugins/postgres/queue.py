@@ -1,4 +1,12 @@
-"""Queue basic, visibility, dead-letter, delayed and priority on `prism_queue_messages`.
+"""Queue basic, visibility, dead-letter, delayed and priority on a messages table.
+
+The table is `prism_queue_messages` unless the slot's config names another (`table`), so
+several slots or deployments can keep their queues apart in one database; such a table is
+created on start as a copy of `prism_queue_messages` (columns, defaults and indexes), and the
+name only ever reaches SQL as a quoted identifier. Dead-letter configurations stay in the
+shared `prism_queue_dead_letter` (keyed by namespace and queue); dead-lettering and redrive move
+messages within the slot's table. A plain Dequeue leases for the slot's `visibility_timeout`
+(30 s unless the config sets another).
 
 One row per message. `visible_at` is both the due time of a delayed message and the end of a
 lease, so "visible" is `visible_at <= statement_timestamp()` and a lease is live while its
@@ -18,10 +26,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import secrets
 import time
 from datetime import datetime
-from typing import Any
+from typing import Any, LiteralString
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from prism.interfaces.queue.v1 import queue_basic_pb2 as basic_pb
@@ -29,59 +38,184 @@ from prism.interfaces.queue.v1 import queue_dead_letter_pb2 as dlq_pb
 from prism.interfaces.queue.v1 import queue_delayed_pb2 as delayed_pb
 from prism.interfaces.queue.v1 import queue_priority_pb2 as priority_pb
 from prism.interfaces.queue.v1 import queue_visibility_pb2 as visibility_pb
+from psycopg import sql
 
 from plugins.postgres.db import Conn, Database
+from plugins.postgres.schema import MIGRATION_LOCK_ID
 from plugins.runtime import validation
 from plugins.runtime.context import CallContext
-from plugins.runtime.errors import FailedPrecondition, NotFound
+from plugins.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 
+DEFAULT_TABLE = "prism_queue_messages"
+#: a table name the slot's config may give: one unquoted lower-case PostgreSQL identifier
+TABLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 DEFAULT_VISIBILITY = 30.0
 POLL_SECONDS = 0.5
-NOW = "statement_timestamp()"
 MESSAGE_COLUMNS = (
     "message_id, payload, attributes::text, enqueue_time, delivery_count, priority, position"
 )
 
+# The statements below name the slot's table as {messages} and the database clock as {now};
+# QueueStatements composes them with the table as an sql.Identifier.
+
 # Messages of queue %(q)s whose lease ended after their last allowed delivery go to the back of
 # the dead-letter queue, in their order; returns the DLQ once per moved message.
-DEAD_LETTER_EXPIRED = f"""
+DEAD_LETTER_EXPIRED = """
 WITH cfg AS (
     SELECT dead_letter_queue, max_deliveries FROM prism_queue_dead_letter
     WHERE ns = %(ns)s AND queue = %(q)s
 ), moving AS (
-    SELECT m.message_id FROM prism_queue_messages m, cfg
+    SELECT m.message_id FROM {messages} m, cfg
     WHERE m.ns = %(ns)s AND m.queue = %(q)s AND m.receipt IS NOT NULL
-      AND m.visible_at <= {NOW} AND m.delivery_count >= cfg.max_deliveries
+      AND m.visible_at <= {now} AND m.delivery_count >= cfg.max_deliveries
     ORDER BY m.position FOR UPDATE OF m SKIP LOCKED
 ), numbered AS (
     SELECT message_id, nextval('prism_queue_position') AS pos FROM moving
 )
-UPDATE prism_queue_messages m SET queue = cfg.dead_letter_queue, source_queue = m.queue,
+UPDATE {messages} m SET queue = cfg.dead_letter_queue, source_queue = m.queue,
     position = numbered.pos, delivery_count = 0, receipt = NULL, visible_at = '-infinity'
 FROM numbered, cfg
 WHERE m.ns = %(ns)s AND m.message_id = numbered.message_id
 RETURNING cfg.dead_letter_queue
 """
 
-LEASE = f"""
+LEASE = """
 WITH picked AS (
-    SELECT message_id FROM prism_queue_messages
-    WHERE ns = %(ns)s AND queue = %(q)s AND visible_at <= {NOW}
+    SELECT message_id FROM {messages}
+    WHERE ns = %(ns)s AND queue = %(q)s AND visible_at <= {now}
     ORDER BY priority DESC, position LIMIT %(n)s
     FOR UPDATE SKIP LOCKED
 )
-UPDATE prism_queue_messages m SET receipt = gen_random_uuid()::text,
-    visible_at = {NOW} + make_interval(secs => %(lease)s::float8),
+UPDATE {messages} m SET receipt = gen_random_uuid()::text,
+    visible_at = {now} + make_interval(secs => %(lease)s::float8),
     delivery_count = m.delivery_count + 1
 FROM picked WHERE m.ns = %(ns)s AND m.message_id = picked.message_id
 RETURNING m.message_id, m.payload, m.attributes::text, m.enqueue_time, m.delivery_count,
     m.priority, m.position, m.receipt
 """
 
-UPCOMING = f"""
-SELECT extract(epoch FROM min(visible_at) - {NOW})::float8 FROM prism_queue_messages
-WHERE ns = %(ns)s AND queue = %(q)s AND visible_at > {NOW}
+UPCOMING = """
+SELECT extract(epoch FROM min(visible_at) - {now})::float8 FROM {messages}
+WHERE ns = %(ns)s AND queue = %(q)s AND visible_at > {now}
 """
+
+ENQUEUE = (
+    "INSERT INTO {messages} (ns, message_id, queue, payload, attributes, priority, "
+    "enqueue_time, visible_at, position) VALUES (%s, %s, %s, %s, %s, %s, {now}, "
+    "{now} + make_interval(secs => %s::float8), nextval('prism_queue_position'))"
+)
+
+PEEK = (
+    "SELECT " + MESSAGE_COLUMNS + " FROM {messages} WHERE ns = %s AND queue = %s "
+    "AND visible_at <= {now} ORDER BY priority DESC, position LIMIT %s"
+)
+
+ACK = "DELETE FROM {messages} WHERE receipt = %s AND ns = %s AND queue = %s AND visible_at > {now}"
+
+EXTEND = (
+    "UPDATE {messages} SET visible_at = {now} + make_interval(secs => %s::float8) "
+    "WHERE receipt = %s AND ns = %s AND queue = %s AND visible_at > {now} RETURNING visible_at"
+)
+
+# The leased message of a receipt, its DLQ and whether its deliveries are exhausted
+RELEASE_LOOKUP = (
+    "SELECT m.message_id, c.dead_letter_queue, m.delivery_count >= c.max_deliveries "
+    "FROM {messages} m LEFT JOIN prism_queue_dead_letter c ON c.ns = m.ns AND c.queue = m.queue "
+    "WHERE m.receipt = %s AND m.ns = %s AND m.queue = %s AND m.visible_at > {now} "
+    "FOR UPDATE OF m"
+)
+
+RELEASE_TO_DEAD_LETTER = (
+    "UPDATE {messages} SET queue = %s, source_queue = queue, "
+    "position = nextval('prism_queue_position'), delivery_count = 0, receipt = NULL, "
+    "visible_at = '-infinity' WHERE ns = %s AND message_id = %s"
+)
+
+RELEASE = (
+    "UPDATE {messages} SET receipt = NULL, visible_at = '-infinity' "
+    "WHERE ns = %s AND message_id = %s"
+)
+
+REDRIVE = """
+WITH moving AS (
+    SELECT message_id FROM {messages}
+    WHERE ns = %(ns)s AND queue = %(dlq)s AND source_queue = %(q)s AND visible_at <= {now}
+    ORDER BY position LIMIT %(n)s FOR UPDATE SKIP LOCKED
+), numbered AS (
+    SELECT message_id, nextval('prism_queue_position') AS pos FROM moving
+)
+UPDATE {messages} m SET queue = %(q)s, source_queue = NULL, position = numbered.pos,
+    delivery_count = 0, receipt = NULL, visible_at = '-infinity'
+FROM numbered WHERE m.ns = %(ns)s AND m.message_id = numbered.message_id
+"""
+
+SCHEDULED = (
+    "SELECT count(*) FROM {messages} WHERE ns = %s AND queue = %s AND receipt IS NULL "
+    "AND visible_at > {now}"
+)
+
+CREATE_TABLE = "CREATE TABLE IF NOT EXISTS {messages} (LIKE " + DEFAULT_TABLE + " INCLUDING ALL)"
+
+# Columns (name, type, collation, nullability) in which a table differs from
+# prism_queue_messages, in either direction: 0 for a table of the same shape.
+SHAPE_DIFFERENCES = """
+WITH cols AS (
+    SELECT attrelid, attname, atttypid, attcollation, attnotnull FROM pg_attribute
+    WHERE attnum > 0 AND NOT attisdropped
+), want AS (
+    SELECT attname, atttypid, attcollation, attnotnull FROM cols
+    WHERE attrelid = 'prism_queue_messages'::regclass
+), have AS (
+    SELECT attname, atttypid, attcollation, attnotnull FROM cols
+    WHERE attrelid = quote_ident(%(t)s)::regclass
+)
+SELECT count(*) FROM ((TABLE want EXCEPT TABLE have) UNION ALL (TABLE have EXCEPT TABLE want)) d
+"""
+
+
+def table_name(value: object) -> str:
+    """The `table` config key, checked here as well as by the registry schema because the name
+    becomes an SQL identifier."""
+    if value is None:
+        return DEFAULT_TABLE
+    if not isinstance(value, str) or not TABLE_NAME.fullmatch(value):
+        raise InvalidArgument("table", "must match ^[a-z_][a-z0-9_]{0,62}$")
+    return value
+
+
+def default_visibility(value: object) -> float:
+    """The `visibility_timeout` config key: a plain Dequeue's lease, in seconds."""
+    if value is None:
+        return DEFAULT_VISIBILITY
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgument("visibility_timeout", "must be a number of seconds")
+    if not 0 < value <= validation.MAX_VISIBILITY_SECONDS:
+        raise InvalidArgument("visibility_timeout", "must be above 0 and at most 12 hours")
+    return float(value)
+
+
+class QueueStatements:
+    """The queue statements composed for one table."""
+
+    def __init__(self, table: str) -> None:
+        def compose(template: LiteralString) -> sql.Composed:
+            return sql.SQL(template).format(
+                messages=sql.Identifier(table), now=sql.SQL("statement_timestamp()")
+            )
+
+        self.dead_letter_expired = compose(DEAD_LETTER_EXPIRED)
+        self.lease = compose(LEASE)
+        self.upcoming = compose(UPCOMING)
+        self.enqueue = compose(ENQUEUE)
+        self.peek = compose(PEEK)
+        self.ack = compose(ACK)
+        self.extend = compose(EXTEND)
+        self.release_lookup = compose(RELEASE_LOOKUP)
+        self.release_to_dead_letter = compose(RELEASE_TO_DEAD_LETTER)
+        self.release = compose(RELEASE)
+        self.redrive = compose(REDRIVE)
+        self.scheduled = compose(SCHEDULED)
+        self.create_table = compose(CREATE_TABLE)
 
 
 def _to_message(row: tuple[Any, ...], receipt: str = "") -> basic_pb.Message:
@@ -107,19 +241,42 @@ def _receipt_not_found(queue: str) -> NotFound:
     )
 
 
-async def _dead_letter_expired(conn: Conn, ns: str, queue: str) -> str | None:
-    """Apply the dead-letter rule to expired leases; the DLQ when it received any."""
-    cur = await conn.execute(DEAD_LETTER_EXPIRED, {"ns": ns, "q": queue})
-    row = await cur.fetchone()
-    return None if row is None else str(row[0])
-
-
 class PostgresQueue:
     """queue_basic, _visibility, _dead_letter, _delayed and _priority."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        table: str = DEFAULT_TABLE,
+        visibility: float = DEFAULT_VISIBILITY,
+    ) -> None:
         self.db = db
+        self.table = table
+        self.visibility = visibility
+        self.sql = QueueStatements(table)
         self._changed: dict[tuple[str, str], asyncio.Event] = {}
+
+    async def prepare(self, ctx: CallContext) -> None:
+        """Create the slot's table (under the migration lock, so servers starting together do
+        not race) and refuse one that exists with another shape: every call would fail."""
+        if self.table == DEFAULT_TABLE:
+            return
+        async with self.db.connection(ctx) as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_ID,))
+            await conn.execute(self.sql.create_table)
+            cur = await conn.execute(SHAPE_DIFFERENCES, {"t": self.table})
+            row = await cur.fetchone()
+        if row is None or row[0]:
+            raise InvalidArgument(
+                "table", f"{self.table!r} exists and is not a queue messages table"
+            )
+
+    async def _dead_letter_expired(self, conn: Conn, ns: str, queue: str) -> str | None:
+        """Apply the dead-letter rule to expired leases; the DLQ when it received any."""
+        cur = await conn.execute(self.sql.dead_letter_expired, {"ns": ns, "q": queue})
+        row = await cur.fetchone()
+        return None if row is None else str(row[0])
 
     # -- wake-ups for long polling -------------------------------------------------------------
 
@@ -146,10 +303,7 @@ class PostgresQueue:
         message_id = secrets.token_urlsafe(16)
         async with self.db.connection(ctx) as conn:
             await conn.execute(
-                "INSERT INTO prism_queue_messages (ns, message_id, queue, payload, attributes, "
-                "priority, enqueue_time, visible_at, position) VALUES (%s, %s, %s, %s, %s, %s, "
-                f"{NOW}, {NOW} + make_interval(secs => %s::float8), "
-                "nextval('prism_queue_position'))",
+                self.sql.enqueue,
                 (
                     ctx.namespace,
                     message_id,
@@ -178,12 +332,12 @@ class PostgresQueue:
 
         async def job(conn: Conn) -> tuple[list[tuple[Any, ...]], float | None, str | None]:
             async with conn.transaction():
-                dlq = await _dead_letter_expired(conn, ns, queue)
-                cur = await conn.execute(LEASE, params)
+                dlq = await self._dead_letter_expired(conn, ns, queue)
+                cur = await conn.execute(self.sql.lease, params)
                 rows = await cur.fetchall()
                 upcoming = None
                 if not rows and deadline > time.monotonic():
-                    cur = await conn.execute(UPCOMING, params)
+                    cur = await conn.execute(self.sql.upcoming, params)
                     found = await cur.fetchone()
                     upcoming = None if found is None else found[0]
             return rows, upcoming, dlq
@@ -208,7 +362,7 @@ class PostgresQueue:
         queue = validation.queue_name(request.queue)
         count = validation.max_messages(request.max_messages)
         wait = validation.wait_time(request.wait_time, request.HasField("wait_time"))
-        messages = await self._lease(queue, count, wait, DEFAULT_VISIBILITY, ctx)
+        messages = await self._lease(queue, count, wait, self.visibility, ctx)
         return basic_pb.DequeueResponse(messages=messages)
 
     async def peek(self, request: basic_pb.PeekRequest, ctx: CallContext) -> basic_pb.PeekResponse:
@@ -216,13 +370,8 @@ class PostgresQueue:
         count = validation.max_messages(request.max_messages)
         ns = ctx.namespace
         async with self.db.connection(ctx) as conn, conn.transaction():
-            dlq = await _dead_letter_expired(conn, ns, queue)
-            cur = await conn.execute(
-                f"SELECT {MESSAGE_COLUMNS} FROM prism_queue_messages WHERE ns = %s "
-                f"AND queue = %s AND visible_at <= {NOW} "
-                "ORDER BY priority DESC, position LIMIT %s",
-                (ns, queue, count),
-            )
+            dlq = await self._dead_letter_expired(conn, ns, queue)
+            cur = await conn.execute(self.sql.peek, (ns, queue, count))
             rows = await cur.fetchall()
         if dlq is not None:
             self._notify(ns, dlq)
@@ -232,11 +381,7 @@ class PostgresQueue:
         queue = validation.queue_name(request.queue)
         receipt = validation.receipt_handle(request.receipt_handle)
         async with self.db.connection(ctx) as conn:
-            cur = await conn.execute(
-                "DELETE FROM prism_queue_messages WHERE receipt = %s AND ns = %s AND queue = %s "
-                f"AND visible_at > {NOW}",
-                (receipt, ctx.namespace, queue),
-            )
+            cur = await conn.execute(self.sql.ack, (receipt, ctx.namespace, queue))
             if cur.rowcount == 0:
                 raise _receipt_not_found(queue)
         return basic_pb.AckResponse()
@@ -264,12 +409,7 @@ class PostgresQueue:
             request.visibility_timeout, request.HasField("visibility_timeout")
         )
         async with self.db.connection(ctx) as conn:
-            cur = await conn.execute(
-                f"UPDATE prism_queue_messages SET visible_at = {NOW} + "
-                "make_interval(secs => %s::float8) WHERE receipt = %s AND ns = %s "
-                f"AND queue = %s AND visible_at > {NOW} RETURNING visible_at",
-                (lease, receipt, ctx.namespace, queue),
-            )
+            cur = await conn.execute(self.sql.extend, (lease, receipt, ctx.namespace, queue))
             row = await cur.fetchone()
         if row is None:
             raise _receipt_not_found(queue)
@@ -284,32 +424,15 @@ class PostgresQueue:
         receipt = validation.receipt_handle(request.receipt_handle)
         ns = ctx.namespace
         async with self.db.connection(ctx) as conn, conn.transaction():
-            cur = await conn.execute(
-                "SELECT m.message_id, c.dead_letter_queue, "
-                "m.delivery_count >= c.max_deliveries FROM prism_queue_messages m "
-                "LEFT JOIN prism_queue_dead_letter c ON c.ns = m.ns AND c.queue = m.queue "
-                "WHERE m.receipt = %s AND m.ns = %s AND m.queue = %s "
-                f"AND m.visible_at > {NOW} FOR UPDATE OF m",
-                (receipt, ns, queue),
-            )
+            cur = await conn.execute(self.sql.release_lookup, (receipt, ns, queue))
             row = await cur.fetchone()
             if row is None:
                 raise _receipt_not_found(queue)
             message_id, dlq, exhausted = row
             if exhausted:
-                await conn.execute(
-                    "UPDATE prism_queue_messages SET queue = %s, source_queue = queue, "
-                    "position = nextval('prism_queue_position'), delivery_count = 0, "
-                    "receipt = NULL, visible_at = '-infinity' "
-                    "WHERE ns = %s AND message_id = %s",
-                    (dlq, ns, message_id),
-                )
+                await conn.execute(self.sql.release_to_dead_letter, (dlq, ns, message_id))
             else:
-                await conn.execute(
-                    "UPDATE prism_queue_messages SET receipt = NULL, "
-                    "visible_at = '-infinity' WHERE ns = %s AND message_id = %s",
-                    (ns, message_id),
-                )
+                await conn.execute(self.sql.release, (ns, message_id))
         self._notify(ns, queue, dlq if exhausted else None)
         return visibility_pb.ReleaseResponse()
 
@@ -360,7 +483,7 @@ class PostgresQueue:
         limit = validation.redrive_count(request.max_messages)
         ns = ctx.namespace
         async with self.db.connection(ctx) as conn, conn.transaction():
-            await _dead_letter_expired(conn, ns, queue)
+            await self._dead_letter_expired(conn, ns, queue)
             cur = await conn.execute(
                 "SELECT dead_letter_queue FROM prism_queue_dead_letter "
                 "WHERE ns = %s AND queue = %s",
@@ -374,21 +497,7 @@ class PostgresQueue:
                     queue=queue,
                 )
             cur = await conn.execute(
-                f"""
-                    WITH moving AS (
-                        SELECT message_id FROM prism_queue_messages
-                        WHERE ns = %(ns)s AND queue = %(dlq)s AND source_queue = %(q)s
-                          AND visible_at <= {NOW}
-                        ORDER BY position LIMIT %(n)s FOR UPDATE SKIP LOCKED
-                    ), numbered AS (
-                        SELECT message_id, nextval('prism_queue_position') AS pos FROM moving
-                    )
-                    UPDATE prism_queue_messages m SET queue = %(q)s, source_queue = NULL,
-                        position = numbered.pos, delivery_count = 0, receipt = NULL,
-                        visible_at = '-infinity'
-                    FROM numbered WHERE m.ns = %(ns)s AND m.message_id = numbered.message_id
-                    """,
-                {"ns": ns, "q": queue, "dlq": config[0], "n": limit},
+                self.sql.redrive, {"ns": ns, "q": queue, "dlq": config[0], "n": limit}
             )
             moved = cur.rowcount
         self._notify(ns, queue)
@@ -411,11 +520,7 @@ class PostgresQueue:
     ) -> delayed_pb.GetScheduledCountResponse:
         queue = validation.queue_name(request.queue)
         async with self.db.connection(ctx) as conn:
-            cur = await conn.execute(
-                "SELECT count(*) FROM prism_queue_messages WHERE ns = %s AND queue = %s "
-                f"AND receipt IS NULL AND visible_at > {NOW}",
-                (ctx.namespace, queue),
-            )
+            cur = await conn.execute(self.sql.scheduled, (ctx.namespace, queue))
             row = await cur.fetchone()
         return delayed_pb.GetScheduledCountResponse(count=0 if row is None else int(row[0]))
 
