@@ -33,6 +33,8 @@ from plugins.runtime.errors import InvalidArgument, ResourceExhausted, Unavailab
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# The KV bucket (suffix) of queue leases, dead-letter configs and partition counts.
+STATE_BUCKET = "state"
 
 
 class Unsubscribable(Protocol):

@@ -3,7 +3,7 @@
 Partition p of contract stream S is the JetStream stream `<stream prefix>_<ns>_sp<p>_S` on
 subject `<root>.sp.S.<p>`, apart from S's plain log (stream.py), so each partition numbers its
 records 1, 2, 3... exactly like a plain stream. The partition count a stream uses is fixed by
-its first partitioned append: key `p.<ns>.S` of the slot's KV bucket `<stream prefix>_queues`
+its first partitioned append: key `p.<ns>.S` of the slot's KV bucket `<stream prefix>_state`
 holds it (created with compare-and-set, so concurrent first appends agree); until then
 GetPartitions reports the slot's `stream_partitions` (default 4).
 """
@@ -16,8 +16,7 @@ import nats.js.errors
 from prism.interfaces.stream.v1 import stream_basic_pb2 as basic_pb
 from prism.interfaces.stream.v1 import stream_partitioning_pb2 as partitioning_pb
 
-from plugins.nats.connection import Names, NatsConnection, namespace_token
-from plugins.nats.queue import BUCKET
+from plugins.nats.connection import STATE_BUCKET, Names, NatsConnection, namespace_token
 from plugins.nats.stream import NatsStreams, wrap
 from plugins.runtime import validation
 from plugins.runtime.context import CallContext
@@ -56,7 +55,7 @@ class NatsPartitions:
         key = self._key(ctx, name)
 
         async def count() -> int:
-            kv = await self.conn.bucket(BUCKET)
+            kv = await self.conn.bucket(STATE_BUCKET)
             try:
                 return int((await kv.get(key)).value or b"0")
             except nats.js.errors.KeyNotFoundError:

@@ -10,7 +10,7 @@ with JetStream as the only store and compare-and-set as the only lock:
   is the serialized `Message` proto and its stream sequence is its place (FIFO). Ack deletes it
   from the stream; dead-lettering and redrive publish it to the other queue's stream (with header
   Prism-Origin naming the queue it came from) and delete it from the first.
-- A delivered message has a state in the slot's KV bucket `<stream prefix>_queues`, key
+- A delivered message has a state in the slot's KV bucket `<stream prefix>_state`, key
   `m.<ns>.Q.<seq>`: {"n": delivery count, "until": lease end (unix ns; 0 when the lease has
   ended), "h": the lease's nonce}. Every lease change is a KV update with the revision read, so
   concurrent Dequeues never lease one message twice and a stale handle can never win.
@@ -48,14 +48,13 @@ from prism.interfaces.queue.v1 import queue_dead_letter_pb2 as dlq_pb
 from prism.interfaces.queue.v1 import queue_delayed_pb2 as delayed_pb
 from prism.interfaces.queue.v1 import queue_visibility_pb2 as visibility_pb
 
-from plugins.nats.connection import NatsConnection, namespace_token
+from plugins.nats.connection import STATE_BUCKET, NatsConnection, namespace_token
 from plugins.nats.stream import BATCH, JetStreams
 from plugins.runtime import validation
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import FailedPrecondition, NotFound
 
 KIND = "q"
-BUCKET = "queues"
 ORIGIN = "Prism-Origin"
 DUE = "Prism-Due"
 DEFAULT_VISIBILITY_SECONDS = 30.0
@@ -113,12 +112,12 @@ class NatsQueue:
         return f"c.{namespace_token(ctx.namespace)}.{queue}"
 
     async def _kv(self) -> KeyValue:
-        return await self.conn.bucket(BUCKET)
+        return await self.conn.bucket(STATE_BUCKET)
 
     async def _kv_stream(self) -> tuple[str, str]:
         """(JetStream stream of the bucket, its subject prefix), the bucket created if new."""
         await self._kv()
-        name = f"{self.conn.settings.stream_prefix}_{BUCKET}"
+        name = f"{self.conn.settings.stream_prefix}_{STATE_BUCKET}"
         return f"KV_{name}", f"$KV.{name}."
 
     async def _get_state(self, ctx: CallContext, key: str) -> _State | None:
