@@ -8,31 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from prismctl.registry import load_registry
 from tests.cli.cli_support import FIXTURES, Run
 
 MEMO = FIXTURES / "memo006-iot-devices.yaml"
-DURABILITY = ["queue_basic", "queue_visibility", "queue_dead_letter"]
-MEMO_POSTGRES_KEYS = {"connection", "table", "visibility_timeout"}
-
-
-def _postgres_gap() -> str:
-    """Why the memo's durability slot (postgres queues) cannot validate yet, or ''."""
-    pg = load_registry().backends["postgres"]
-    missing = [i for i in DURABILITY if i not in pg.implements]
-    keys = MEMO_POSTGRES_KEYS - set(pg.config_schema.get("properties", {}))
-    reasons = []
-    if missing:
-        reasons.append(f"registry/backends/postgres.yaml lacks {', '.join(missing)}")
-    if keys:
-        reasons.append(f"its config_schema lacks {', '.join(sorted(keys))}")
-    return "; ".join(reasons)
-
-
-GAP = _postgres_gap()
-needs_postgres_queues = pytest.mark.xfail(
-    bool(GAP), reason=f"MEMO durability slot on postgres: {GAP}", strict=True
-)
 
 LAYOUT = """\
 Validating namespace: iot-devices
@@ -57,7 +35,6 @@ Validating namespace: iot-devices
 """
 
 
-@needs_postgres_queues
 def test_memo_example_is_valid(prismctl: Run) -> None:
     proc = prismctl("validate", MEMO)
     assert proc.returncode == 0, proc.stdout
