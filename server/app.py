@@ -23,6 +23,7 @@ from prismctl.config import ConfigResult, Diagnostic, load_config, validate_conf
 from prismctl.diagnostics import has_errors
 from prismctl.registry import Registry, load_registry
 from server.binding import Binder, BindError, SlotBinding
+from server.crypto import Keyring
 from server.patterns import BoundNamespace, executor_for
 from server.router import Router
 
@@ -82,6 +83,8 @@ class ServerOptions:
     grace: float = 5.0
     #: how long a sidecar named by `address:` may take to answer Describe at startup
     sidecar_timeout: float = 5.0
+    #: keys for encryption at rest (server/crypto.py); patterns that store secrets need one
+    keyring: Keyring | None = None
 
 
 def check_config(options: ServerOptions, registry: Registry) -> ConfigResult:
@@ -161,7 +164,7 @@ async def _assemble(
             for slot in ns.slots.values():
                 slots[slot.name] = await binder.bind(ns.name, slot)
             pattern = registry.patterns[ns.pattern]
-            bound = BoundNamespace(ns.name, pattern, slots)
+            bound = BoundNamespace(ns.name, pattern, slots, keyring=options.keyring)
             binder.closers.append(bound.on_close)
             exposed = await executor_for(pattern)(bound)
             for item in exposed:

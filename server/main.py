@@ -26,6 +26,7 @@ from server.app import (
     create_server,
     embedded_default,
 )
+from server.crypto import KeyringError, configured_keyring
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -48,11 +49,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=Path(os.environ.get("PRISM_DATA_DIR", "data")),
         help="where embedded backends keep their files (env PRISM_DATA_DIR; default ./data)",
     )
+    env_keyring = os.environ.get("PRISM_KEYRING")
+    parser.add_argument(
+        "--keyring",
+        type=Path,
+        default=Path(env_keyring) if env_keyring else None,
+        help="encryption-at-rest keyring file (env PRISM_KEYRING; else env PRISM_ENCRYPTION_KEYS)",
+    )
     return parser.parse_args(argv)
 
 
 async def serve(args: argparse.Namespace) -> int:
-    options = ServerOptions(listen=args.listen, config=args.config, data_dir=args.data_dir)
+    options = ServerOptions(
+        listen=args.listen,
+        config=args.config,
+        data_dir=args.data_dir,
+        keyring=configured_keyring(args.keyring, os.environ),
+    )
     server = await create_server(options)
     await server.start()
     embedded = ", ".join(
@@ -80,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             fix = f" (fix: {d.fix})" if d.fix else ""
             print(f"{d.location}: {d.message} [{d.rule_id}]{fix}", file=sys.stderr)
         return 3 if isinstance(exc, RegistryError) else 1
-    except StartupError as exc:
+    except (StartupError, KeyringError) as exc:
         print(f"prism-server: {exc}", file=sys.stderr)
         return 3
     except OSError as exc:  # e.g. the data directory cannot be created

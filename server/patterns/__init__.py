@@ -16,18 +16,21 @@ from google.protobuf.descriptor import ServiceDescriptor
 
 from prismctl.registry import SLOT_INTERFACES, PatternSpec
 from server.binding import BindError, SlotBinding
+from server.crypto import Keyring
 
 
 @dataclass(frozen=True)
 class BoundNamespace:
     """What an executor gets: the namespace's filled slots as contract objects. An executor that
     starts background work appends its cleanup to `on_close`; the server awaits each on stop,
-    before closing the plugins the slots use."""
+    before closing the plugins the slots use. `keyring` encrypts data at rest (None when the
+    server has none; a pattern that needs one refuses to start)."""
 
     name: str
     pattern: PatternSpec
     slots: Mapping[str, SlotBinding]
     on_close: list[Callable[[], Awaitable[object]]] = field(default_factory=list)
+    keyring: Keyring | None = None
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-unty
 from plugins.runtime.grpc_adapter import NAMESPACE_HEADER
 from prismctl.registry import Registry
 from server.app import PrismServer, ServerOptions, create_server
+from server.crypto import Keyring
 
 BIN = Path(sys.executable).parent
 STARTUP_TIMEOUT = 30.0
@@ -65,6 +66,7 @@ async def running_server(
     *,
     registry: Registry | None = None,
     health_interval: float = 1.0,
+    keyring: Keyring | None = None,
 ) -> AsyncIterator[PrismServer]:
     """A started in-process server on 127.0.0.1:0 (None config = the embedded default);
     stopped, plugins closed, at exit."""
@@ -75,6 +77,7 @@ async def running_server(
             data_dir=data_dir,
             registry=registry,
             health_interval=health_interval,
+            keyring=keyring,
         )
     )
     try:
