@@ -22,7 +22,9 @@ from plugins.postgres import PostgresPlugin
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import InvalidArgument, NotFound
 from plugins.runtime.loader import config_errors
+from prismctl.conformance import runner
 from prismctl.registry import load_registry
+from tests.support.harness import running_server
 from tests.support.servers import ThrowawayServer
 from tests.support.wait import eventually
 
@@ -106,6 +108,50 @@ async def test_slots_with_different_tables_keep_their_queues_apart(
             "UNIQUE INDEX" in d and "(receipt)" in d and "WHERE (receipt IS NOT NULL)" in d
             for _, d in own
         ), own
+
+
+QUEUE_INTERFACES = [
+    "queue_basic",
+    "queue_visibility",
+    "queue_dead_letter",
+    "queue_delayed",
+    "queue_priority",
+]
+
+
+async def test_queue_conformance_holds_on_a_slots_own_table(
+    pg_server: ThrowawayServer, tmp_path: Path
+) -> None:
+    """Every queue statement goes to the configured table: the whole queue suite passes on a
+    server whose slot names one, and prism_queue_messages gets none of its messages."""
+    namespace = f"c{uuid.uuid4().hex[:8]}"
+    table = f"own_{uuid.uuid4().hex[:8]}"
+    slot = {
+        "backend": "postgres",
+        "interfaces": QUEUE_INTERFACES,
+        "config": {"connection": pg_server.url, "table": table, "visibility_timeout": 30},
+    }
+    config = {
+        "namespaces": [
+            {
+                "name": namespace,
+                "pattern": "direct",
+                "pattern_version": "v1",
+                "slots": {"queue": slot},
+            }
+        ]
+    }
+    async with running_server(config, tmp_path) as server:
+        report = await runner.run(f"127.0.0.1:{server.port}", QUEUE_INTERFACES, namespace=namespace)
+    assert report.ok, report.to_text()
+    count = sql.SQL("SELECT count(*) FROM {} WHERE ns = %s")
+    async with await psycopg.AsyncConnection.connect(pg_server.url) as conn:
+        own = await conn.execute(count.format(sql.Identifier(table)), (namespace,))
+        assert ((await own.fetchone()) or (0,))[0] > 0
+        shared = await conn.execute(
+            count.format(sql.Identifier("prism_queue_messages")), (namespace,)
+        )
+        assert await shared.fetchone() == (0,)
 
 
 async def test_visibility_timeout_sets_a_plain_dequeues_lease(
