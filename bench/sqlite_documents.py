@@ -31,7 +31,7 @@ from prism.interfaces.document.v1 import document_indexing_pb2 as index_pb
 from prism.interfaces.document.v1 import document_query_pb2 as query_pb
 from prism.interfaces.document.v1 import document_search_pb2 as search_pb
 
-from bench.common import Result, closed_loop, run_fast
+from bench.common import Result, run_fast
 from plugins.runtime.context import CallContext
 from plugins.sqlite import SqlitePlugin
 from server.patterns.artifact_registry import INDEXES
@@ -51,6 +51,7 @@ LIST_FILTER = {
 VOCABULARY = [f"w{i}" for i in range(2000)]
 TAGS = [f"tag{i}" for i in range(200)]
 LOAD_CONCURRENCY = 256
+WARMUP_SECONDS = 0.3
 
 
 def document(i: int, rng: random.Random) -> dict[str, Any]:
@@ -191,6 +192,41 @@ def operations(
     }
 
 
+async def saturate(
+    call: Callable[[int], Awaitable[object]],
+    concurrency: int,
+    seconds: float,
+    drained: Callable[[], Awaitable[object]],
+) -> list[float]:
+    """Latencies (ms) of the calls that complete within `seconds` after a warm-up, while
+    `concurrency` callers issue calls back to back. A call counts when it completes in the
+    window whenever it started, so calls queued behind the warm-up do not skew the rate; at the
+    end the callers are cancelled (calls still queued for a worker thread never run) and
+    `drained` waits for the ones already running, so the next measurement starts on idle threads.
+    """
+    window_start = time.perf_counter() + WARMUP_SECONDS
+    window_end = window_start + seconds
+    latencies: list[float] = []
+
+    async def caller(worker: int) -> None:
+        n = worker
+        while True:
+            began = time.perf_counter()
+            await call(n)
+            done = time.perf_counter()
+            if window_start <= done <= window_end:
+                latencies.append((done - began) * 1000)
+            n += concurrency
+
+    callers = [asyncio.ensure_future(caller(w)) for w in range(concurrency)]
+    await asyncio.sleep(WARMUP_SECONDS + seconds)
+    for task in callers:
+        task.cancel()
+    await asyncio.gather(*callers, return_exceptions=True)
+    await drained()
+    return latencies
+
+
 async def measure(count: int, clients: int, seconds: float, only: set[str] | None) -> list[Result]:
     ctx = CallContext(namespace=NAMESPACE)
     results = []
@@ -198,6 +234,11 @@ async def measure(count: int, clients: int, seconds: float, only: set[str] | Non
         plugin = SqlitePlugin({}, data_dir=Path(tmp))
         await plugin.start()
         raw = RawReader(plugin.path, threads=plugin.db.readers)
+
+        async def drained() -> None:
+            await plugin.db.read(lambda conn: None)
+            await asyncio.get_running_loop().run_in_executor(raw.pool, lambda: None)
+
         try:
             began = time.perf_counter()
             await load(plugin, count, ctx)
@@ -206,10 +247,11 @@ async def measure(count: int, clients: int, seconds: float, only: set[str] | Non
                 if only is not None and name != "baseline" and name not in only:
                     continue
                 for concurrency in (1, clients):
-                    calls, elapsed, latencies = await closed_loop(
-                        call, concurrency, seconds, warmup=0.3
+                    latencies = await saturate(call, concurrency, seconds, drained)
+                    result = Result(
+                        str(count), name, concurrency, len(latencies), seconds, latencies
                     )
-                    results.append(Result(str(count), name, concurrency, calls, elapsed, latencies))
+                    results.append(result)
                 print(f"  {name}: {results[-1].throughput:.1f} calls/s", flush=True)
         finally:
             raw.close()
