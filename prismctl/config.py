@@ -4,11 +4,12 @@ to start on any error found here; `prismctl validate` prints the same findings."
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from plugins.runtime.tls import ClientTLS, TLSError, read_certificates, read_key_pair
 from prismctl.diagnostics import Diagnostic, Location, has_errors, render_text
 from prismctl.registry import BackendSpec, PatternSpec, Registry, SlotSpec
 from prismctl.source import (
@@ -26,6 +27,8 @@ __all__ = [
     "ConfigResult",
     "Diagnostic",
     "NamespaceConfig",
+    "RateLimitConfig",
+    "RateRule",
     "SlotConfig",
     "duplicate_namespaces",
     "load_config",
@@ -59,7 +62,13 @@ CONFIG_RULES: dict[str, str] = {
     "REQUIRED_INTERFACE_NOT_LISTED": "the slot's interfaces list leaves out a required one",
     "INTERFACE_NOT_IN_SLOT": "an interfaces entry the slot does not use",
     "INTERFACE_NOT_IMPLEMENTED": "an interfaces entry the backend does not implement",
+    "TLS_FILE": "a tls file of a sidecar slot cannot be read, is not PEM, or its key does not "
+    "match its certificate (relative paths start at the config file's directory)",
 }
+
+#: what a `rate_limits.store` must offer: buckets are read-modify-written with CAS, and expire
+#: when idle if the backend has TTLs
+RATE_LIMIT_STORE_INTERFACES = (["keyvalue_basic", "keyvalue_cas"], ["keyvalue_ttl"])
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,8 @@ class SlotConfig:
     location: Location
     #: True when `interfaces:` was written in the file
     interfaces_listed: bool = False
+    #: `tls:` of a sidecar slot, paths resolved; None: plaintext
+    tls: ClientTLS | None = None
 
 
 @dataclass(frozen=True)
@@ -85,10 +96,28 @@ class NamespaceConfig:
     location: Location
 
 
+@dataclass(frozen=True)
+class RateRule:
+    """Calls whose `package.Service/Method` matches the glob `method` draw from a token bucket
+    per caller and method: `rate` tokens per second, at most `burst` saved up."""
+
+    method: str
+    rate: float
+    burst: int
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    store: SlotConfig
+    #: the first rule matching a method applies
+    rules: list[RateRule]
+
+
 @dataclass
 class ConfigResult:
     source: str
     namespaces: list[NamespaceConfig] = field(default_factory=list)
+    rate_limits: RateLimitConfig | None = None
     diagnostics: list[Diagnostic] = field(default_factory=list)
     #: the file could not be read at all (exit code 3 rather than 1)
     io_error: bool = False
@@ -165,6 +194,9 @@ def _validate(src: Source, registry: Registry) -> ConfigResult:
     for i, ns in enumerate(src.data["namespaces"]):
         if i not in broken:
             _check_namespace(src, registry, ("namespaces", i), ns, result)
+    limits = src.data.get("rate_limits")
+    if limits is not None and not any(p[:1] == ("rate_limits",) for p, _ in findings):
+        result.rate_limits = _check_rate_limits(src, registry, limits, result.diagnostics)
     result.diagnostics.extend(duplicate_namespaces([result]))
     result.diagnostics.sort(key=lambda d: (d.line, d.col))
     return result
@@ -223,6 +255,27 @@ def _check_namespace(
             location=name_loc,
         )
     )
+
+
+def _check_rate_limits(
+    src: Source, reg: Registry, data: dict[str, Any], diags: list[Diagnostic]
+) -> RateLimitConfig:
+    path: PathKey = ("rate_limits", "store")
+    required, optional = RATE_LIMIT_STORE_INTERFACES
+    name = "rate_limits.store"
+    spec = SlotSpec(
+        name=name,
+        description="rate-limit token buckets",
+        required_interfaces=required,
+        optional_interfaces=optional,
+        recommended_backends=[],
+        optional=False,
+        location=src.key_at(path),
+        recommended_locations={},
+    )
+    store = _check_slot(src, reg, path, name, data["store"], spec, diags)
+    rules = [RateRule(r["method"], float(r["rate"]), int(r["burst"])) for r in data["rules"]]
+    return RateLimitConfig(store, rules)
 
 
 def _check_slot_presence(
@@ -314,7 +367,41 @@ def _check_slot(
         address=data.get("address"),
         location=src.key_at(path),
         interfaces_listed=listed is not None,
+        tls=_check_tls(src, path, data.get("tls"), diags),
     )
+
+
+def _check_tls(
+    src: Source, path: PathKey, data: dict[str, str] | None, diags: list[Diagnostic]
+) -> ClientTLS | None:
+    """Resolve the files against the config's directory and read them now, so a wrong path is
+    a finding at its line rather than a failed handshake at startup."""
+    if data is None:
+        return None
+    base = Path(src.file).parent
+    files = {role: base / name for role, name in data.items()}
+    tls = ClientTLS(files["ca"], files.get("cert"), files.get("key"))
+    checks: list[tuple[str, Callable[[], object]]] = [
+        ("ca", lambda: read_certificates(tls.ca, "CA")),
+    ]
+    if tls.cert is not None and tls.key is not None:
+        cert, key = tls.cert, tls.key
+        checks.append(("cert", lambda: read_certificates(cert)))
+        checks.append(("key", lambda: read_key_pair(cert, key)))
+    for role, check in checks:
+        try:
+            check()
+        except TLSError as exc:
+            diags.append(
+                Diagnostic.at(
+                    src.at((*path, "tls", role)),
+                    "TLS_FILE",
+                    str(exc),
+                    "give a readable PEM file (relative to the config file's directory)",
+                )
+            )
+            break
+    return tls
 
 
 def _lacks(backend: BackendSpec, interface: str) -> Location:

@@ -12,20 +12,30 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import grpc.aio
 import yaml
+from prism.contracts.keyvalue import KeyValueBasic, KeyValueCAS, KeyValueTTL
 
 from plugins.runtime.serving import Check, HealthMonitor, enable_reflection, new_server
-from prismctl.config import ConfigResult, Diagnostic, load_config, validate_config_data
+from prismctl.config import (
+    ConfigResult,
+    Diagnostic,
+    RateLimitConfig,
+    load_config,
+    validate_config_data,
+)
 from prismctl.diagnostics import has_errors
 from prismctl.registry import Registry, load_registry
 from server.binding import Binder, BindError, SlotBinding
 from server.crypto import Keyring
 from server.patterns import BoundNamespace, executor_for
+from server.ratelimit import NAMESPACE as RATE_LIMIT_NAMESPACE
+from server.ratelimit import RateLimitInterceptor, TokenBuckets
 from server.router import Router
+from server.tls import ServerTLS, add_port
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 log = logging.getLogger("prism.server")
@@ -85,6 +95,8 @@ class ServerOptions:
     sidecar_timeout: float = 5.0
     #: keys for encryption at rest (server/crypto.py); patterns that store secrets need one
     keyring: Keyring | None = None
+    #: serve TLS (and require client certificates when it names a client CA); None: plaintext
+    tls: ServerTLS | None = None
 
 
 def check_config(options: ServerOptions, registry: Registry) -> ConfigResult:
@@ -107,6 +119,7 @@ class PrismServer:
         health: HealthMonitor,
         router: Router,
         grace: float,
+        rate_limiter: RateLimitInterceptor | None = None,
     ) -> None:
         self.server = server
         self.port = port
@@ -116,6 +129,8 @@ class PrismServer:
         self.router = router
         self.grace = grace
         self.data_dir = binder.data_dir
+        #: None when the config has no `rate_limits:` (no interceptor at all)
+        self.rate_limiter = rate_limiter
 
     @property
     def services(self) -> list[str]:
@@ -143,17 +158,22 @@ async def create_server(options: ServerOptions) -> PrismServer:
         raise RegistryError([d for d in registry.diagnostics if d.severity == "error"])
     if not result.ok:
         raise ConfigError([d for d in result.diagnostics if d.severity == "error"])
+    credentials = None if options.tls is None else options.tls.credentials()
     options.data_dir.mkdir(parents=True, exist_ok=True)
     binder = Binder(registry, options.data_dir, options.sidecar_timeout)
     try:
-        return await _assemble(options, registry, result, binder)
+        return await _assemble(options, registry, result, binder, credentials)
     except BaseException:
         await binder.close()
         raise
 
 
 async def _assemble(
-    options: ServerOptions, registry: Registry, result: ConfigResult, binder: Binder
+    options: ServerOptions,
+    registry: Registry,
+    result: ConfigResult,
+    binder: Binder,
+    credentials: grpc.ServerCredentials | None,
 ) -> PrismServer:
     router = Router(ns.name for ns in result.namespaces)
     health = HealthMonitor(options.health_interval)
@@ -182,16 +202,35 @@ async def _assemble(
                 checks.setdefault(slots[slot_name].check, set()).add(item.service.full_name)
     for check, services in checks.items():
         health.watch(sorted(services), check)
-    server = new_server()
+    limiter = (
+        None if result.rate_limits is None else await _rate_limiter(result.rate_limits, binder)
+    )
+    server = new_server() if limiter is None else new_server(limiter)
     server.add_generic_rpc_handlers(tuple(router.handlers()))
     health.add_to_server(server)
     enable_reflection(server, router.services)
     host = options.listen.rpartition(":")[0]
     try:
-        port = server.add_insecure_port(options.listen)
+        port = add_port(server, options.listen, credentials)
     except RuntimeError as exc:
         with contextlib.suppress(Exception):
             await server.stop(None)
         reason = str(exc).split(";")[0]
         raise StartupError(f"cannot listen on {options.listen}: {reason}") from None
-    return PrismServer(server, port, host, binder, health, router, options.grace)
+    return PrismServer(server, port, host, binder, health, router, options.grace, limiter)
+
+
+async def _rate_limiter(config: RateLimitConfig, binder: Binder) -> RateLimitInterceptor:
+    """Bind `rate_limits.store` like any slot (in-process or a sidecar): the buckets live there."""
+    try:
+        slot = await binder.bind(RATE_LIMIT_NAMESPACE, config.store)
+    except BindError as exc:
+        raise StartupError(f"rate_limits: {exc}") from None
+    impls = slot.implementations
+    buckets = TokenBuckets(
+        cast(KeyValueBasic, impls["keyvalue_basic"]),
+        cast(KeyValueCAS, impls["keyvalue_cas"]),
+        cast(KeyValueTTL | None, impls.get("keyvalue_ttl")),
+    )
+    binder.closers.append([buckets.close])
+    return RateLimitInterceptor(config.rules, buckets)

@@ -26,6 +26,7 @@ from plugins.runtime.loader import load_plugin
 from plugins.runtime.serving import MESSAGE_SIZE_OPTIONS, Check
 from prismctl.config import SlotConfig
 from prismctl.registry import Registry
+from server.tls import ClientTLS, TLSError
 
 #: keep reconnect attempts to a lost sidecar about a second apart (grpc's default backoff grows
 #: to two minutes, which would keep a returned sidecar unused for that long)
@@ -101,11 +102,13 @@ class Binder:
     async def _bind_sidecar(
         self, namespace: str, slot: SlotConfig, address: str, where: str
     ) -> SlotBinding:
-        channel = self.channels.get(address)
+        # slots reaching one sidecar the same way share a channel (and its health probe)
+        channel_key = f"{address} {slot.tls}"
+        channel = self.channels.get(channel_key)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-            self.channels[address] = channel
-            self.sidecar_checks[address] = sidecar_health_check(channel)
+            channel = _sidecar_channel(address, slot.tls, where)
+            self.channels[channel_key] = channel
+            self.sidecar_checks[channel_key] = sidecar_health_check(channel)
         try:
             described = await plugin_pb2_grpc.PluginServiceStub(channel).Describe(
                 plugin_pb2.DescribeRequest(), timeout=self.describe_timeout, wait_for_ready=True
@@ -127,7 +130,7 @@ class Binder:
             iid: ContractProxy(known[iid], channel, {**labels, "interface": iid})
             for iid in slot.interfaces
         }
-        check = self.sidecar_checks[address]  # one probe per sidecar, however many slots
+        check = self.sidecar_checks[channel_key]  # one probe per sidecar, however many slots
         return SlotBinding(namespace, slot.name, slot.backend, impls, check, address=address)
 
     async def close(self) -> None:
@@ -144,6 +147,16 @@ class Binder:
         self.plugins.clear()
         self.channels.clear()
         self.sidecar_checks.clear()
+
+
+def _sidecar_channel(address: str, tls: ClientTLS | None, where: str) -> grpc.aio.Channel:
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    try:
+        credentials = tls.credentials()
+    except TLSError as exc:
+        raise BindError(f"{where}: {exc}") from None
+    return grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
 
 
 def verify_sidecar(

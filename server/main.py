@@ -1,6 +1,8 @@
-"""`prism-server [--config FILE] [--listen HOST:PORT] [--data-dir DIR]` (env PRISM_CONFIG,
-PRISM_LISTEN, PRISM_DATA_DIR). Exit codes: 0 clean shutdown, 1 config findings, 2 usage,
-3 cannot start (invalid registry, bind failure, unreachable backend or sidecar)."""
+"""`prism-server [--config FILE] [--listen HOST:PORT] [--data-dir DIR] [--tls-cert FILE
+--tls-key FILE [--tls-client-ca FILE]]` (env PRISM_CONFIG, PRISM_LISTEN, PRISM_DATA_DIR,
+PRISM_TLS_CERT, PRISM_TLS_KEY, PRISM_TLS_CLIENT_CA). Exit codes: 0 clean shutdown, 1 config
+findings, 2 usage (including a certificate or key with wrong content), 3 cannot start (invalid
+registry, bind failure, unreachable backend or sidecar, unreadable certificate file)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from plugins.runtime.serving import configure_logging, install_uvloop, on_shutdown_signals
+from plugins.runtime.tls import add_tls_arguments, server_tls_from_args
 from server.app import (
     DEFAULT_LISTEN,
     ConfigError,
@@ -27,6 +30,7 @@ from server.app import (
     embedded_default,
 )
 from server.crypto import KeyringError, configured_keyring
+from server.tls import TLSError
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -56,7 +60,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=Path(env_keyring) if env_keyring else None,
         help="encryption-at-rest keyring file (env PRISM_KEYRING; else env PRISM_ENCRYPTION_KEYS)",
     )
-    return parser.parse_args(argv)
+    add_tls_arguments(parser, "PRISM_")
+    args = parser.parse_args(argv)
+    args.tls = server_tls_from_args(parser, args)
+    return args
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -65,6 +72,7 @@ async def serve(args: argparse.Namespace) -> int:
         config=args.config,
         data_dir=args.data_dir,
         keyring=configured_keyring(args.keyring, os.environ),
+        tls=args.tls,
     )
     server = await create_server(options)
     await server.start()
@@ -74,6 +82,9 @@ async def serve(args: argparse.Namespace) -> int:
     source = args.config or f"embedded default: {embedded} on sqlite"
     print(f"prism-server: config {source}", flush=True)
     print(f"prism-server: data in {server.data_dir.resolve()}", flush=True)
+    if args.tls is not None:
+        mtls = "" if args.tls.client_ca is None else ", client certificates required (mTLS)"
+        print(f"prism-server: TLS with {args.tls.cert}{mtls}", flush=True)
     print(f"prism-server listening on {server.address}", flush=True)
     stopping = asyncio.Event()
     on_shutdown_signals(stopping.set)
@@ -96,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (StartupError, KeyringError) as exc:
         print(f"prism-server: {exc}", file=sys.stderr)
         return 3
+    except TLSError as exc:
+        print(f"prism-server: {exc}", file=sys.stderr)
+        return exc.exit_code
     except OSError as exc:  # e.g. the data directory cannot be created
         print(f"prism-server: cannot start: {exc}", file=sys.stderr)
         return 3

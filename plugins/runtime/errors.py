@@ -76,10 +76,21 @@ class DeadlineExceeded(PrismError):
 
 
 class ResourceExhausted(PrismError):
-    """Rate limits and size limits."""
+    """Rate limits and size limits. `retry_delay` (seconds) becomes a google.rpc.RetryInfo."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     default_reason = "RESOURCE_EXHAUSTED"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_delay: float | None = None,
+        reason: str | None = None,
+        **metadata: object,
+    ) -> None:
+        super().__init__(message, reason=reason, **metadata)
+        self.retry_delay = retry_delay
 
 
 class PermissionDenied(PrismError):

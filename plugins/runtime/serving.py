@@ -102,9 +102,12 @@ class HealthMonitor:
             self._task = None
 
 
-def new_server() -> grpc.aio.Server:
-    """A grpc.aio server with Prism's interceptor and message size limits."""
-    return grpc.aio.server(interceptors=[RequestLogInterceptor()], options=MESSAGE_SIZE_OPTIONS)
+def new_server(*interceptors: grpc.aio.ServerInterceptor) -> grpc.aio.Server:  # type: ignore[type-arg]
+    """A grpc.aio server with Prism's request-id interceptor first (so `interceptors`, e.g. the
+    rate limiter, see the call's request id) and message size limits."""
+    return grpc.aio.server(
+        interceptors=[RequestLogInterceptor(), *interceptors], options=MESSAGE_SIZE_OPTIONS
+    )
 
 
 def enable_reflection(server: grpc.aio.Server, services: Sequence[str]) -> None:

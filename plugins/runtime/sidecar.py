@@ -1,5 +1,6 @@
-"""`prism-plugin <name> --listen HOST:PORT [--config FILE] [--data-dir DIR]`: any plugin as a
-gRPC sidecar serving its interfaces, PluginService.Describe, health and reflection.
+"""`prism-plugin <name> --listen HOST:PORT [--config FILE] [--data-dir DIR]
+[--tls-cert FILE --tls-key FILE [--tls-client-ca FILE]]`: any plugin as a gRPC sidecar serving
+its interfaces, PluginService.Describe, health and reflection (over TLS, optionally mTLS).
 
 The server talks to a sidecar through the same contract it uses in-process
 (grpc_adapter.ContractProxy), so a plugin behaves identically in both modes. Data is scoped by
@@ -45,6 +46,7 @@ from plugins.runtime.serving import (
     new_server,
     on_shutdown_signals,
 )
+from plugins.runtime.tls import TLSError, add_port, add_tls_arguments, server_tls_from_args
 from prismctl.source import IOProblem, load_yaml
 
 DEFAULT_NAMESPACE = "default"
@@ -84,9 +86,17 @@ class _PluginService(plugin_pb2_grpc.PluginServiceServicer):
 class Sidecar:
     """One started plugin served on one port. `start()` binds (port 0 allowed) and serves."""
 
-    def __init__(self, plugin: BackendPlugin, listen: str, health_interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        plugin: BackendPlugin,
+        listen: str,
+        health_interval: float = 1.0,
+        credentials: grpc.ServerCredentials | None = None,
+    ) -> None:
         self.plugin = plugin
         self.listen = listen
+        #: None: plaintext
+        self.credentials = credentials
         self.health = HealthMonitor(health_interval)
         self.server = new_server()
         self.port = 0
@@ -118,7 +128,7 @@ class Sidecar:
         self.health.watch([*services, PLUGIN_SERVICE], plugin.check_health)
         self.health.add_to_server(self.server)
         enable_reflection(self.server, [*services, PLUGIN_SERVICE])
-        self.port = self.server.add_insecure_port(self.listen)
+        self.port = add_port(self.server, self.listen, self.credentials)
 
     async def start(self) -> None:
         """Start the plugin, then health reporting, then serving."""
@@ -177,7 +187,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--listen", required=True, help="HOST:PORT (port 0 picks a free one)")
     parser.add_argument("--config", type=Path, help="YAML mapping with the slot config keys")
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="default: ./data")
-    return parser.parse_args(argv)
+    add_tls_arguments(parser, "PRISM_PLUGIN_")
+    args = parser.parse_args(argv)
+    args.tls = server_tls_from_args(parser, args)
+    return args
 
 
 def build_plugin(backend: str, config_file: Path | None, data_dir: Path) -> BackendPlugin:
@@ -194,7 +207,12 @@ async def run(args: argparse.Namespace) -> int:
         args.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"{args.data_dir}: cannot create data dir: {exc.strerror}", 3) from None
-    sidecar = Sidecar(build_plugin(args.backend, args.config, args.data_dir), args.listen)
+    try:
+        credentials = None if args.tls is None else args.tls.credentials()
+    except TLSError as exc:
+        raise UsageError(str(exc), exc.exit_code) from None
+    plugin = build_plugin(args.backend, args.config, args.data_dir)
+    sidecar = Sidecar(plugin, args.listen, credentials=credentials)
     try:
         sidecar.bind()
     except RuntimeError as exc:  # grpc: the address cannot be bound

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Mapping
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
 from grpc_status import rpc_status
 
@@ -55,13 +55,21 @@ def status_for(
             field=err.field, description=err.description
         )
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
+    if isinstance(err, errors.ResourceExhausted) and err.retry_delay is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(err.retry_delay * 1e9))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     code = err.code if err.code != grpc.StatusCode.UNKNOWN else grpc.StatusCode.INTERNAL
     status = status_pb2.Status(code=code.value[0], message=err.message, details=details)
     result: grpc.Status = rpc_status.to_status(status)
     return result
 
 
-def _pack(message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest) -> any_pb2.Any:
+def _pack(
+    message: error_details_pb2.ErrorInfo
+    | error_details_pb2.BadRequest
+    | error_details_pb2.RetryInfo,
+) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)
     return packed

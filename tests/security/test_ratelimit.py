@@ -1,0 +1,221 @@
+"""Rate limits: concurrent clients admitted within the token-bucket bound, denials carrying
+RESOURCE_EXHAUSTED + RATE_LIMITED + RetryInfo, buckets per method and per client certificate,
+two servers sharing one bucket in a real Redis, idle buckets expiring, config validation."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prism.interfaces.keyvalue.v1 import keyvalue_basic_pb2 as kv
+from prism.interfaces.keyvalue.v1 import keyvalue_basic_pb2_grpc as kv_grpc
+from prism.interfaces.keyvalue.v1 import keyvalue_ttl_pb2 as ttl_pb
+
+from plugins.runtime.context import CallContext
+from prismctl.config import validate_config_data
+from prismctl.registry import load_registry
+from server.app import PrismServer, ServerOptions, create_server
+from server.ratelimit import NAMESPACE, RateLimitInterceptor, bucket_key
+from server.tls import ServerTLS
+from tests.security.conftest import PKI
+from tests.security.test_tls import MEMSTORE, tls_channel
+from tests.support.harness import error_details
+from tests.support.servers import throwaway
+from tests.support.wait import eventually
+
+GET = "prism.interfaces.keyvalue.v1.KeyValueBasicService/Get"
+
+
+def limited(store: dict[str, Any], *rules: dict[str, Any]) -> dict[str, Any]:
+    return {**MEMSTORE, "rate_limits": {"store": store, "rules": list(rules)}}
+
+
+@asynccontextmanager
+async def servers(
+    tmp_path: Path, config: dict[str, Any], count: int = 1, tls: ServerTLS | None = None
+) -> AsyncIterator[list[PrismServer]]:
+    async with AsyncExitStack() as stack:
+        started = []
+        for i in range(count):
+            server = await create_server(
+                ServerOptions(config=config, data_dir=tmp_path / f"data{i}", tls=tls)
+            )
+            await server.start()
+            stack.push_async_callback(server.stop, 0.5)
+            started.append(server)
+        yield started
+
+
+def retry_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.RetryInfo | None:
+    trailing: Any = exc.trailing_metadata() or ()
+    for key, value in trailing:
+        if key == "grpc-status-details-bin":
+            for detail in status_pb2.Status.FromString(value).details:
+                info = error_details_pb2.RetryInfo()
+                if detail.Unpack(info):
+                    return info
+    return None
+
+
+def assert_rate_limited(exc: grpc.aio.AioRpcError, rate: float) -> None:
+    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+    info, _ = error_details(exc)
+    assert info is not None and info.reason == "RATE_LIMITED"
+    assert info.metadata["method"] == GET
+    retry = retry_info(exc)
+    assert retry is not None
+    delay = retry.retry_delay.ToTimedelta().total_seconds()
+    # a bucket never waits longer than one token's refill
+    assert 0 < delay <= 1 / rate + 1e-6, delay
+
+
+async def hammer(
+    addresses: Sequence[str], clients_per_server: int, calls: int
+) -> tuple[int, list[grpc.aio.AioRpcError], float]:
+    """Every client (its own connection) makes `calls` Gets one after the other; all clients
+    run at once. Returns (admitted, denials, seconds from first call to last answer)."""
+    denied: list[grpc.aio.AioRpcError] = []
+    admitted = 0
+
+    async def client(address: str) -> None:
+        nonlocal admitted
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = kv_grpc.KeyValueBasicServiceStub(channel)
+            await channel.channel_ready()
+            await start.wait()
+            for _ in range(calls):
+                try:
+                    await stub.Get(kv.GetRequest(key="k"), timeout=10)
+                    admitted += 1
+                except grpc.aio.AioRpcError as exc:
+                    denied.append(exc)
+
+    start = asyncio.Event()
+    tasks = [asyncio.create_task(client(a)) for a in addresses for _ in range(clients_per_server)]
+    await asyncio.sleep(0)  # let every client connect before the clock starts
+    await asyncio.gather(*(asyncio.sleep(0) for _ in tasks))
+    began = time.time()
+    start.set()
+    await asyncio.gather(*tasks)
+    return admitted, denied, time.time() - began
+
+
+def within_bucket_bound(admitted: int, rate: float, burst: int, seconds: float) -> None:
+    """A bucket admits its burst, then at most `rate` per second: never more than
+    burst + rate·t in t seconds (+1 for a token completing at the window's edge)."""
+    assert burst <= admitted <= burst + rate * seconds + 1, (admitted, seconds)
+
+
+async def test_concurrent_clients_stay_within_the_bucket(tmp_path: Path) -> None:
+    rate, burst = 20.0, 10
+    config = limited({"backend": "memstore"}, {"method": GET, "rate": rate, "burst": burst})
+    async with servers(tmp_path, config) as [server]:
+        admitted, denied, seconds = await hammer([server.address], 8, 50)
+        assert admitted + len(denied) == 400
+        within_bucket_bound(admitted, rate, burst, seconds)
+        assert denied
+        for exc in denied:
+            assert_rate_limited(exc, rate)
+        # only Get is limited: Set and Exists go through while Get's bucket is empty
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = kv_grpc.KeyValueBasicServiceStub(channel)
+            for _ in range(5):
+                await stub.Set(kv.SetRequest(key="k", value=b"v"), timeout=10)
+                await stub.Exists(kv.ExistsRequest(key="k"), timeout=10)
+
+
+async def test_buckets_per_method_and_certificate_refill_and_health_exempt(
+    tmp_path: Path, pki: PKI
+) -> None:
+    config = limited({"backend": "memstore"}, {"method": "*", "rate": 2, "burst": 1})
+    tls = ServerTLS(pki.server.cert, pki.server.key, client_ca=pki.ca.cert)
+    other = pki.ca.issue("client-b", server=False)
+    async with servers(tmp_path, config, tls=tls) as [server]:
+        a = tls_channel(server.address, pki, pki.client)
+        b = tls_channel(server.address, pki, other)
+        async with a, b:
+            stub_a = kv_grpc.KeyValueBasicServiceStub(a)
+            await stub_a.Get(kv.GetRequest(key="k"), timeout=10)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub_a.Get(kv.GetRequest(key="k"), timeout=10)
+            assert_rate_limited(err.value, 2.0)
+            retry = retry_info(err.value)
+            assert retry is not None
+            # another method of the same caller, and the same method of another certificate
+            await stub_a.Exists(kv.ExistsRequest(key="k"), timeout=10)
+            await kv_grpc.KeyValueBasicServiceStub(b).Get(kv.GetRequest(key="k"), timeout=10)
+            health = health_pb2_grpc.HealthStub(a)
+            for _ in range(5):  # "*" does not reach load balancers' probes
+                await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            # RetryInfo is exact: after the delay it named (plus clock slack) a token is there
+            await asyncio.sleep(retry.retry_delay.ToTimedelta().total_seconds() + 0.02)
+            await stub_a.Get(kv.GetRequest(key="k"), timeout=10)
+
+
+async def test_two_servers_share_one_bucket_in_redis(tmp_path: Path) -> None:
+    rate, burst = 2.0, 30
+    with throwaway("redis") as redis:
+        store = {"backend": "redis", "config": {"connection": redis.url}}
+        config = limited(store, {"method": GET, "rate": rate, "burst": burst})
+        async with servers(tmp_path, config, count=2) as pair:
+            admitted, denied, seconds = await hammer([s.address for s in pair], 4, 50)
+            assert admitted + len(denied) == 400
+            # two separate buckets would admit at least 2 × burst
+            within_bucket_bound(admitted, rate, burst, seconds)
+            assert seconds < (burst - 1) / rate, "too slow to tell one bucket from two"
+            for exc in denied:
+                assert_rate_limited(exc, rate)
+            limiter = pair[0].rate_limiter
+            assert isinstance(limiter, RateLimitInterceptor)
+            ttl = limiter.buckets.ttl
+            assert ttl is not None
+            key = bucket_key("peer:ipv4:127.0.0.1", "/" + GET)
+
+            async def expiring() -> ttl_pb.GetTTLResponse | None:
+                got = await ttl.get_ttl(ttl_pb.GetTTLRequest(key=key), CallContext(NAMESPACE))
+                return got if got.state == ttl_pb.TTL_STATE_EXPIRING else None
+
+            # the expiry is set off the call's path, shortly after the last admitted call
+            got = await eventually(expiring, timeout=5)
+            assert 0 < got.ttl.ToTimedelta().total_seconds() <= burst / rate + 1
+
+
+async def test_no_rate_limits_config_means_no_limiter(tmp_path: Path) -> None:
+    async with servers(tmp_path, MEMSTORE) as [server]:
+        assert server.rate_limiter is None
+
+
+@pytest.mark.parametrize(
+    ("rate_limits", "rule", "where"),
+    [
+        ({"store": {"backend": "nats"}, "rules": [{"method": "*", "rate": 1, "burst": 1}]},
+         "MISSING_REQUIRED_INTERFACE", "rate_limits.store"),
+        ({"store": {"backend": "memstore"}, "rules": [{"method": "*", "rate": 1, "burst": 0}]},
+         "SCHEMA", "burst"),
+        ({"store": {"backend": "memstore"}, "rules": [{"method": "*", "rate": 0, "burst": 1}]},
+         "SCHEMA", "rate"),
+        ({"store": {"backend": "memstore"}, "rules": []}, "SCHEMA", "rules"),
+        ({"store": {"backend": "memstore", "tls": {"ca": "ca.pem"}},
+          "rules": [{"method": "*", "rate": 1, "burst": 1}]}, "SCHEMA", "address"),
+    ],
+    ids=["store-without-cas", "burst-0", "rate-0", "no-rules", "tls-without-address"],
+)  # fmt: skip
+def test_rate_limits_config_is_validated(
+    rate_limits: dict[str, Any], rule: str, where: str
+) -> None:
+    result = validate_config_data(
+        {**MEMSTORE, "rate_limits": rate_limits}, "<test>", load_registry()
+    )
+    assert not result.ok
+    found = [d for d in result.diagnostics if d.rule_id == rule]
+    assert found, result.diagnostics
+    assert any(where in d.message or where in str(d.location) for d in found), found
