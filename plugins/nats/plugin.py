@@ -20,7 +20,13 @@ from plugins.runtime.errors import InvalidArgument, Unavailable
 DEFAULT_SUBJECT_PREFIX = "prism"
 PUBSUB_INTERFACES = ("pubsub_basic", "pubsub_wildcards", "pubsub_filtering", "pubsub_ordering")
 STREAM_INTERFACES = ("stream_basic", "stream_replay", "stream_retention")
-QUEUE_INTERFACES = ("queue_basic", "queue_visibility", "queue_dead_letter", "queue_delayed")
+QUEUE_INTERFACES = (
+    "queue_basic",
+    "queue_visibility",
+    "queue_dead_letter",
+    "queue_delayed",
+    "queue_priority",
+)
 
 
 def _positive(config: Mapping[str, Any], name: str, default: float) -> float:

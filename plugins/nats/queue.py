@@ -6,10 +6,12 @@ what is visible without leasing it (Peek), and it redelivers nak'ed/expired mess
 order their leases ended, not in their original place. So the plugin does the leasing itself,
 with JetStream as the only store and compare-and-set as the only lock:
 
-- Queue Q is the JetStream stream `<stream prefix>_<ns>_q_Q` on subject `<root>.q.Q`; a message
-  is the serialized `Message` proto and its stream sequence is its place (FIFO). Ack deletes it
-  from the stream; dead-lettering and redrive publish it to the other queue's stream (with header
-  Prism-Origin naming the queue it came from) and delete it from the first.
+- Queue Q is the JetStream stream `<stream prefix>_<ns>_q_Q`; a message of priority P is the
+  serialized `Message` proto on subject `<root>.q.Q.<P>`, and its stream sequence is its place
+  among the messages of its priority (FIFO). Delivery reads the priorities present (stream info
+  with per-subject counts) from the highest down, each with a subject-filtered reader. Ack
+  deletes a message from the stream; dead-lettering and redrive publish it to the other queue's
+  stream (with header Prism-Origin naming the queue it came from) and delete it from the first.
 - A delivered message has a state in the slot's KV bucket `<stream prefix>_state`, key
   `m.<ns>.Q.<seq>`: {"n": delivery count, "until": lease end (unix ns; 0 when the lease has
   ended), "h": the lease's nonce}. Every lease change is a KV update with the revision read, so
@@ -46,6 +48,7 @@ from nats.js.kv import KeyValue
 from prism.interfaces.queue.v1 import queue_basic_pb2 as basic_pb
 from prism.interfaces.queue.v1 import queue_dead_letter_pb2 as dlq_pb
 from prism.interfaces.queue.v1 import queue_delayed_pb2 as delayed_pb
+from prism.interfaces.queue.v1 import queue_priority_pb2 as priority_pb
 from prism.interfaces.queue.v1 import queue_visibility_pb2 as visibility_pb
 
 from plugins.nats.connection import STATE_BUCKET, NatsConnection, namespace_token
@@ -97,7 +100,7 @@ class _Visible:
 
 
 class NatsQueue:
-    """queue_basic, queue_visibility, queue_dead_letter and queue_delayed."""
+    """queue_basic, queue_visibility, queue_dead_letter, queue_delayed and queue_priority."""
 
     def __init__(self, conn: NatsConnection) -> None:
         self.conn = conn
@@ -191,40 +194,72 @@ class NatsQueue:
         states: dict[int, _State],
         wanted: Callable[[str], bool] | None,
     ) -> list[_Visible]:
-        """Up to `limit` visible messages in queue order whose Prism-Origin header is `wanted`
-        (None: all). Without a filter it fetches no more than it can need: `limit` plus the
+        """Up to `limit` visible messages: in delivery order (priority descending, then FIFO),
+        or, with `wanted` (a test of the Prism-Origin header), oldest first whatever their
+        priority. Without a filter it fetches no more than it can need: `limit` plus the
         messages leases hide."""
-        stream, _ = self.jetstreams.names(ctx, queue)
-        info = await self.jetstreams.info(ctx, stream)
-        if info is None or not info.state.messages:
-            return []
+        stream, base = self.jetstreams.names(ctx, queue)
         now = time.time_ns()
         found: list[_Visible] = []
         hidden = sum(1 for state in states.values() if state.hides(now))
-        position = {"deliver_policy": api.DeliverPolicy.ALL}
-        async with self.jetstreams.reader(ctx, stream, **position) as (sub, reader):
-            remaining = reader.num_pending or 0
-            while remaining > 0 and len(found) < limit:
-                need = BATCH if wanted is not None else limit - len(found) + hidden
-                msgs = await self.jetstreams.fetch(sub, min(BATCH, remaining, need))
-                if not msgs:
-                    break
-                remaining -= len(msgs)
-                for msg in msgs:
-                    seq = msg.metadata.sequence.stream
-                    state = states.get(seq)
-                    origin = (msg.headers or {}).get(ORIGIN, "")
-                    if state is not None and state.hides(now):
-                        hidden -= 1
-                        continue
-                    if _due(msg) > now or (wanted is not None and not wanted(origin)):
-                        continue
-                    message = basic_pb.Message.FromString(msg.data)
-                    message.delivery_count = state.n if state is not None else 0
-                    found.append(_Visible(seq, message, origin, state))
-                    if len(found) == limit:
+        priorities = await self._priorities(ctx, stream, base)
+        # delivery order is by priority; a redrive (filtered by origin) goes by age alone
+        subjects = [f"{base}.{p}" for p in priorities] if wanted is None else [f"{base}.*"]
+        for subject in subjects if priorities else []:
+            position = {"deliver_policy": api.DeliverPolicy.ALL}
+            async with self.jetstreams.reader(ctx, stream, filter_subject=subject, **position) as (
+                sub,
+                reader,
+            ):
+                remaining = reader.num_pending or 0
+                while remaining > 0 and len(found) < limit:
+                    need = BATCH if wanted is not None else limit - len(found) + hidden
+                    msgs = await self.jetstreams.fetch(sub, min(BATCH, remaining, need))
+                    if not msgs:
                         break
+                    remaining -= len(msgs)
+                    for msg in msgs:
+                        seq = msg.metadata.sequence.stream
+                        state = states.get(seq)
+                        origin = (msg.headers or {}).get(ORIGIN, "")
+                        if state is not None and state.hides(now):
+                            hidden -= 1
+                            continue
+                        if _due(msg) > now or (wanted is not None and not wanted(origin)):
+                            continue
+                        message = basic_pb.Message.FromString(msg.data)
+                        message.delivery_count = state.n if state is not None else 0
+                        found.append(_Visible(seq, message, origin, state))
+                        if len(found) == limit:
+                            return found
         return found
+
+    async def _priorities(self, ctx: CallContext, stream: str, base: str) -> list[int]:
+        """The priorities that have messages in the queue, highest first."""
+
+        async def subjects() -> dict[str, int]:
+            try:
+                info = await self.conn.js.stream_info(stream, subjects_filter=f"{base}.*")
+            except nats.js.errors.NotFoundError:
+                return {}
+            return info.state.subjects or {}
+
+        counts = await self.conn.run(ctx, subjects)
+        return sorted((int(s.rsplit(".", 1)[1]) for s, n in counts.items() if n), reverse=True)
+
+    async def _store(
+        self,
+        ctx: CallContext,
+        queue: str,
+        message: basic_pb.Message,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Append `message` behind the queue's messages of its priority."""
+        stream, base = self.jetstreams.names(ctx, queue)
+        body = message.SerializeToString()
+        subject = f"{base}.{message.priority}"
+        capture = f"{base}.*"
+        await self.jetstreams.publish(ctx, stream, subject, body, capture, headers=headers)
 
     # dead-letter configuration ----------------------------------------------------------------
 
@@ -296,11 +331,7 @@ class NatsQueue:
             message = basic_pb.Message.FromString(raw.data or b"")
         message.delivery_count = 0
         message.receipt_handle = ""
-        target_stream, target_subject = self.jetstreams.names(ctx, target)
-        headers = {ORIGIN: origin} if origin else None
-        await self.jetstreams.publish(
-            ctx, target_stream, target_subject, message.SerializeToString(), headers=headers
-        )
+        await self._store(ctx, target, message, {ORIGIN: origin} if origin else None)
         await self._delete_message(ctx, stream, seq)
         await self._drop_state(ctx, key)
         return True
@@ -357,20 +388,23 @@ class NatsQueue:
         self,
         ctx: CallContext,
         queue: str,
-        request: basic_pb.EnqueueRequest | delayed_pb.EnqueueDelayedRequest,
+        request: (
+            basic_pb.EnqueueRequest
+            | delayed_pb.EnqueueDelayedRequest
+            | priority_pb.EnqueueWithPriorityRequest
+        ),
         due: int = 0,
+        priority: int = 0,
     ) -> str:
         """Store a new message at the end of the queue (hidden until `due`, unix ns); its id."""
         message = basic_pb.Message(
             message_id=secrets.token_urlsafe(16),
             payload=validation.value(request.payload, "payload"),
             attributes=validation.attributes(request.attributes),
+            priority=priority,
         )
         message.enqueue_time.FromNanoseconds(time.time_ns())
-        stream, subject = self.jetstreams.names(ctx, queue)
-        headers = {DUE: str(due)} if due > time.time_ns() else None
-        body = message.SerializeToString()
-        await self.jetstreams.publish(ctx, stream, subject, body, headers=headers)
+        await self._store(ctx, queue, message, {DUE: str(due)} if due > time.time_ns() else None)
         return message.message_id
 
     async def enqueue(
@@ -378,6 +412,16 @@ class NatsQueue:
     ) -> basic_pb.EnqueueResponse:
         queue = validation.queue_name(request.queue)
         return basic_pb.EnqueueResponse(message_id=await self._append(ctx, queue, request))
+
+    # queue_priority ---------------------------------------------------------------------------
+
+    async def enqueue_with_priority(
+        self, request: priority_pb.EnqueueWithPriorityRequest, ctx: CallContext
+    ) -> priority_pb.EnqueueWithPriorityResponse:
+        queue = validation.queue_name(request.queue)
+        priority = validation.priority(request.priority)
+        message_id = await self._append(ctx, queue, request, priority=priority)
+        return priority_pb.EnqueueWithPriorityResponse(message_id=message_id)
 
     # queue_delayed ----------------------------------------------------------------------------
 
@@ -475,11 +519,13 @@ class NatsQueue:
         async def on_enqueue(_: object) -> None:
             woken.set()
 
-        stream, subject = self.jetstreams.names(ctx, queue)
+        stream, base = self.jetstreams.names(ctx, queue)
         # The stream must exist first: with only our subscriber on the subject, an Enqueue's
         # JetStream publish would reach us instead of failing over to creating the stream.
-        await self.conn.run(ctx, lambda: self.jetstreams.create(stream, subject))
-        sub = await self.conn.run(ctx, lambda: self.conn.client.subscribe(subject, cb=on_enqueue))
+        await self.conn.run(ctx, lambda: self.jetstreams.create(stream, f"{base}.*"))
+        sub = await self.conn.run(
+            ctx, lambda: self.conn.client.subscribe(f"{base}.*", cb=on_enqueue)
+        )
         try:
             yield woken
         finally:

@@ -10,6 +10,7 @@ from pathlib import Path
 from google.protobuf.duration_pb2 import Duration
 from prism.interfaces.queue.v1 import queue_basic_pb2 as basic
 from prism.interfaces.queue.v1 import queue_dead_letter_pb2 as dlq
+from prism.interfaces.queue.v1 import queue_priority_pb2 as priority_pb
 from prism.interfaces.queue.v1 import queue_visibility_pb2 as visibility
 
 from plugins.nats import NatsPlugin
@@ -95,3 +96,29 @@ async def test_leases_outlive_the_plugin_instance(
         assert time.monotonic() - started < 2
     finally:
         await other.close()
+
+
+async def test_priorities_deliver_first_but_redrive_goes_by_age(
+    plugin: NatsPlugin, ctx: CallContext
+) -> None:
+    await plugin.queue.configure_dead_letter(
+        dlq.ConfigureDeadLetterRequest(queue="q", dead_letter_queue="dead", max_deliveries=1), ctx
+    )
+    for payload, priority in ((b"lo", 0), (b"hi", 5)):
+        await plugin.queue.enqueue_with_priority(
+            priority_pb.EnqueueWithPriorityRequest(queue="q", payload=payload, priority=priority),
+            ctx,
+        )
+        leased = (await plugin.queue.dequeue(basic.DequeueRequest(queue="q"), ctx)).messages[0]
+        assert (leased.payload, leased.priority) == (payload, priority)
+        await plugin.queue.release(
+            visibility.ReleaseRequest(queue="q", receipt_handle=leased.receipt_handle), ctx
+        )
+    dead = (await plugin.queue.peek(basic.PeekRequest(queue="dead", max_messages=10), ctx)).messages
+    assert [m.payload for m in dead] == [b"hi", b"lo"]  # delivery order: priority first
+    moved = await plugin.queue.redrive_dead_letters(
+        dlq.RedriveDeadLettersRequest(queue="q", max_messages=1), ctx
+    )
+    assert moved.moved == 1
+    back = (await plugin.queue.peek(basic.PeekRequest(queue="q"), ctx)).messages
+    assert [(m.payload, m.priority) for m in back] == [(b"lo", 0)]  # oldest dead-lettered
