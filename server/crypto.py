@@ -10,19 +10,23 @@ another key id, fails to decrypt. Every failure is `DataLoss` reason DECRYPTION_
 modified byte is an error, never garbage.
 
 Keyring file (YAML or JSON): `{primary: k2, keys: {k1: <base64 of 32 bytes>, k2: ...}}`.
-Env `PRISM_ENCRYPTION_KEYS`: `k2:<base64>,k1:<base64>` (the first is primary). The primary key
-encrypts; every key decrypts, so rotation is: add a key, make it primary, let re-encryption move
-old records, then drop the old key. Key bytes never appear in reprs, logs or errors.
+Env `PRISM_ENCRYPTION_KEYS`: `k2:<base64>,k1:<base64>` (the first is primary).
+`python -m server.crypto new|rotate FILE` creates a keyring file / adds a new primary key.
+The primary key encrypts; every key decrypts, so rotation is: add a key, make it primary, let
+re-encryption move old records, then drop the old key. Key bytes never appear in reprs, logs
+or errors.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import binascii
 import os
 import re
 import secrets
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,3 +182,46 @@ def configured_keyring(path: Path | None, env: Mapping[str, str]) -> Keyring | N
         return load_keyring_file(path)
     value = env.get(ENV_KEYS, "").strip()
     return parse_env_keys(value) if value else None
+
+
+def write_keyring(path: Path, keyring_data: Mapping[str, Any]) -> None:
+    """Write a keyring file readable by its owner only, replacing any old one atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        yaml.safe_dump(dict(keyring_data), out, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m server.crypto new FILE [--key-id ID]` creates a keyring; `... rotate FILE
+    --key-id ID` adds a key and makes it primary (old keys stay, so old data still decrypts;
+    the server re-encrypts it in the background after a restart)."""
+    parser = argparse.ArgumentParser(prog="python -m server.crypto")
+    parser.add_argument("command", choices=["new", "rotate"])
+    parser.add_argument("file", type=Path)
+    parser.add_argument("--key-id", default=None, help="id of the new key (default: k<n>)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "new":
+            if args.file.exists():
+                raise KeyringError(f"{args.file}: exists (use `rotate` to add a key)")
+            keys: dict[str, str] = {}
+        else:
+            current = load_keyring_file(args.file)
+            keys = {k: base64.b64encode(v).decode("ascii") for k, v in current.keys.items()}
+        key_id = args.key_id or f"k{len(keys) + 1}"
+        if key_id in keys:
+            raise KeyringError(f"{args.file}: key id {key_id!r} exists")
+        keys[key_id] = new_key()
+        keyring_from_mapping({"primary": key_id, "keys": keys}, str(args.file))
+        write_keyring(args.file, {"primary": key_id, "keys": keys})
+    except KeyringError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: primary key {key_id} ({len(keys)} key(s))")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -21,7 +21,8 @@ async def expose(namespace: BoundNamespace) -> list[Exposed]:
     if namespace.keyring is None:
         raise BindError(
             f"namespace '{namespace.name}' (pattern secret-vault) needs an encryption keyring "
-            f"(fix: pass --keyring FILE, env PRISM_KEYRING, or set {ENV_KEYS})"
+            f"(fix: create one with `python -m server.crypto new FILE` and pass --keyring FILE "
+            f"or env PRISM_KEYRING, or set {ENV_KEYS})"
         )
     impls: dict[str, Any] = dict(namespace.slots["store"].implementations)
     store = SecretStore(
