@@ -62,8 +62,10 @@ ORIGIN = "Prism-Origin"
 DUE = "Prism-Due"
 DEFAULT_VISIBILITY_SECONDS = 30.0
 POLL_SECONDS = 0.25
-# `until` markers of states that are not leases: the message is being moved or was acked.
-MOVING = -1
+# A message being acked or moved has until = -(when it was claimed). Should the plugin die
+# before finishing, the claim lapses after this long and the message is visible again (at least
+# once: it may then be delivered, or found in the dead-letter queue, twice).
+CLAIM_GRACE_NS = 60 * 1_000_000_000
 
 
 def _due(msg: Msg) -> int:
@@ -80,7 +82,11 @@ class _State:
 
     def hides(self, now: int) -> bool:
         """Leased right now, or on its way out of the queue."""
-        return self.until > now or self.until < 0
+        return self.until > now or (self.until < 0 and now + self.until < CLAIM_GRACE_NS)
+
+    @classmethod
+    def claim(cls, n: int) -> _State:
+        return cls(n, -time.time_ns(), "", 0)
 
     def encode(self) -> bytes:
         return json.dumps({"n": self.n, "until": self.until, "h": self.h}).encode()
@@ -316,9 +322,7 @@ class NatsQueue:
         """Move message `seq` of `source` to the end of `target` (claiming it first, so it
         moves once); False when someone else claimed or removed it first."""
         key = self._state_key(ctx, source, seq)
-        claimed = await self._put_state(
-            ctx, key, _State(state.n if state else 0, MOVING, "", 0), state
-        )
+        claimed = await self._put_state(ctx, key, _State.claim(state.n if state else 0), state)
         if claimed is None:
             return False
         stream, _ = self.jetstreams.names(ctx, source)
@@ -562,7 +566,7 @@ class NatsQueue:
         queue = validation.queue_name(request.queue)
         while True:
             seq, key, state = await self._live_lease(ctx, queue, request.receipt_handle)
-            if await self._put_state(ctx, key, _State(state.n, MOVING, "", 0), state):
+            if await self._put_state(ctx, key, _State.claim(state.n), state):
                 break
         stream, _ = self.jetstreams.names(ctx, queue)
         await self._delete_message(ctx, stream, seq)

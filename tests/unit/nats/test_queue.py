@@ -14,6 +14,7 @@ from prism.interfaces.queue.v1 import queue_priority_pb2 as priority_pb
 from prism.interfaces.queue.v1 import queue_visibility_pb2 as visibility
 
 from plugins.nats import NatsPlugin
+from plugins.nats.queue import CLAIM_GRACE_NS, _State
 from plugins.runtime.context import CallContext
 from tests.support.wait import eventually
 
@@ -122,3 +123,22 @@ async def test_priorities_deliver_first_but_redrive_goes_by_age(
     assert moved.moved == 1
     back = (await plugin.queue.peek(basic.PeekRequest(queue="q"), ctx)).messages
     assert [(m.payload, m.priority) for m in back] == [(b"lo", 0)]  # oldest dead-lettered
+
+
+async def test_a_lapsed_claim_makes_the_message_visible_again(
+    plugin: NatsPlugin, ctx: CallContext
+) -> None:
+    """A plugin that died between claiming a message (to ack or move it) and finishing leaves a
+    claim; once CLAIM_GRACE_NS has passed the message is deliverable again."""
+    await _enqueue(plugin, ctx, 2)
+    key = plugin.queue._state_key(ctx, "q", 1)
+    stale = _State(1, -(time.time_ns() - CLAIM_GRACE_NS - 1), "", 0)
+    fresh = _State.claim(1)
+    await plugin.queue._put_state(ctx, key, stale, None)
+    peeked = (await plugin.queue.peek(basic.PeekRequest(queue="q", max_messages=10), ctx)).messages
+    assert [(m.payload, m.delivery_count) for m in peeked] == [(b"0", 1), (b"1", 0)]
+    state = await plugin.queue._get_state(ctx, key)
+    assert state is not None
+    await plugin.queue._put_state(ctx, key, fresh, state)
+    peeked = (await plugin.queue.peek(basic.PeekRequest(queue="q", max_messages=10), ctx)).messages
+    assert [m.payload for m in peeked] == [b"1"]
