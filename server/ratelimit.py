@@ -104,7 +104,7 @@ class TokenBuckets:
         for _ in range(MAX_ATTEMPTS):
             got = await self.basic.get(kv_pb.GetRequest(key=key), ctx)
             now = time.time()
-            tokens, stamp = _refill(got, now, rate, burst)
+            tokens, stamp = refill(got, now, rate, burst)
             if tokens < 1.0:
                 delay = (1.0 - tokens) / rate
                 self._remember_empty(key, now + delay)
@@ -161,7 +161,7 @@ class TokenBuckets:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-def _refill(got: kv_pb.GetResponse, now: float, rate: float, burst: int) -> tuple[float, float]:
+def refill(got: kv_pb.GetResponse, now: float, rate: float, burst: int) -> tuple[float, float]:
     """(tokens now, time to store with them). A missing or unreadable entry is a full bucket;
     a stamp ahead of our clock (another replica's) is kept, so skew never adds tokens."""
     if not got.found or len(got.value) != _STATE.size:

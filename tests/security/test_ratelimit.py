@@ -5,6 +5,7 @@ two servers sharing one bucket in a real Redis, idle buckets expiring, config va
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -24,7 +25,7 @@ from plugins.runtime.context import CallContext
 from prismctl.config import validate_config_data
 from prismctl.registry import load_registry
 from server.app import PrismServer, ServerOptions, create_server
-from server.ratelimit import NAMESPACE, RateLimitInterceptor, bucket_key
+from server.ratelimit import NAMESPACE, RateLimitInterceptor, bucket_key, refill
 from server.tls import ServerTLS
 from tests.security.conftest import PKI
 from tests.security.test_tls import MEMSTORE, tls_channel
@@ -219,3 +220,19 @@ def test_rate_limits_config_is_validated(
     found = [d for d in result.diagnostics if d.rule_id == rule]
     assert found, result.diagnostics
     assert any(where in d.message or where in str(d.location) for d in found), found
+
+
+def test_refill_caps_at_burst_and_never_gains_from_clock_skew() -> None:
+    def entry(tokens: float, stamp: float) -> kv.GetResponse:
+        return kv.GetResponse(found=True, value=struct.pack("<dd", tokens, stamp), revision=1)
+
+    assert refill(kv.GetResponse(found=False), 100.0, 2.0, 5) == (5.0, 100.0)
+    assert refill(entry(0.5, 99.0), 100.0, 2.0, 5) == (2.5, 100.0)
+    assert refill(entry(0.5, 10.0), 100.0, 2.0, 5) == (5.0, 100.0)
+    # another replica's clock is ahead: no tokens for time that has not passed here
+    assert refill(entry(0.5, 101.0), 100.0, 2.0, 5) == (0.5, 101.0)
+    # an entry that is not a bucket (written by something else) counts as a full one
+    assert refill(kv.GetResponse(found=True, value=b"junk", revision=1), 100.0, 2.0, 5) == (
+        5.0,
+        100.0,
+    )

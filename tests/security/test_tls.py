@@ -4,7 +4,9 @@ both hops), and bad certificate files refused at startup with one line."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 import subprocess
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -14,6 +16,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+import yaml
 from prism.interfaces.keyvalue.v1 import keyvalue_basic_pb2 as kv
 from prism.interfaces.keyvalue.v1 import keyvalue_basic_pb2_grpc as kv_grpc
 
@@ -22,6 +25,7 @@ from server.app import PrismServer, ServerOptions, StartupError, create_server
 from server.tls import ServerTLS
 from tests.security.certs import Issued
 from tests.security.conftest import PKI
+from tests.server.test_server_cli import LISTENING, server_process
 from tests.support.harness import BIN, running_sidecar
 
 MEMSTORE: dict[str, Any] = {
@@ -186,3 +190,18 @@ def test_bad_certificate_files_are_one_line_errors(
     assert proc.returncode == 2 and "--tls-cert and --tls-key go together" in proc.stderr
     proc = run(name, *base, "--tls-client-ca", cert, cwd=tmp_path)
     assert proc.returncode == 2 and "--tls-client-ca needs --tls-cert" in proc.stderr
+
+
+async def test_prism_server_command_serves_mtls(tmp_path: Path, pki: PKI) -> None:
+    config = tmp_path / "prism.yaml"
+    config.write_text(yaml.safe_dump(MEMSTORE), encoding="utf-8")
+    flags = ["--tls-cert", pki.server.cert, "--tls-key", pki.server.key]
+    flags += ["--tls-client-ca", pki.ca.cert, "--config", config]
+    args = ["--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data"), *map(str, flags)]
+    async with server_process(*args) as (proc, lines):
+        assert any("client certificates required (mTLS)" in line for line in lines), lines
+        address = lines[-1].removeprefix(LISTENING)
+        assert await refused(tls_channel(address, pki)) in REFUSED
+        assert await round_trip(tls_channel(address, pki, pki.client), "d") == b"v-d"
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
