@@ -627,6 +627,44 @@ async def test_missing_or_unknown_key_is_data_loss_not_garbage(vault: Vault) -> 
         assert "not in the keyring" in status.last_error
 
 
+async def test_unreadable_record_does_not_stop_reencryption(vault: Vault) -> None:
+    raw = vault.needs_raw()
+    old = keyring("k1")
+    new = Keyring("k2", {**old.keys, "k2": base64.b64decode(new_key())})
+    config = vault_config(vault.backend, vault.slot, {"broken": None})
+    data_dir = vault.root / "server"
+    md = namespaced("broken")
+    async with vault_server(config, data_dir, old) as stub:
+        for name in ("a", "b", "c"):
+            await stub.StoreSecret(_store_req(name=name, value=name.encode() * 3), metadata=md)
+    await raw.overwrite("broken", "secret/b", b'{"versions": [{"value": 1}]}')
+    async with vault_server(config, data_dir, new) as stub:
+
+        async def passed() -> bool:
+            s = await stub.GetEncryptionStatus(pb.GetEncryptionStatusRequest(), metadata=md)
+            return s.passes_completed >= 1
+
+        await eventually(passed, timeout=30)
+        status = await stub.GetEncryptionStatus(pb.GetEncryptionStatusRequest(), metadata=md)
+        assert [(k.key_id, k.values) for k in status.keys] == [("<unreadable>", 1), ("k2", 2)]
+        assert status.values_reencrypted == 2
+        assert status.pending_values == 1
+        assert "'secret/b' is not readable" in status.last_error
+        for name in ("a", "c"):
+            got = await stub.GetSecret(pb.GetSecretRequest(name=name), metadata=md)
+            assert (got.value, got.metadata.key_id) == (name.encode() * 3, "k2")
+        code, reason, _ = await _error(stub.ListSecrets(pb.ListSecretsRequest(), metadata=md))
+        assert (code, reason) == (grpc.StatusCode.DATA_LOSS, "RECORD_CORRUPT")
+        await stub.DeleteSecret(pb.DeleteSecretRequest(name="b"), metadata=md)
+        listed = await stub.ListSecrets(pb.ListSecretsRequest(), metadata=md)
+        assert [s.name for s in listed.secrets] == ["a", "c"]
+        status = await stub.GetEncryptionStatus(pb.GetEncryptionStatusRequest(), metadata=md)
+        assert ([(k.key_id, k.values) for k in status.keys], status.pending_values) == (
+            [("k2", 2)],
+            0,
+        )
+
+
 def _server(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
     clean = {k: v for k, v in os.environ.items() if k not in ("PRISM_KEYRING", ENV_KEYS)}
     return subprocess.Popen(

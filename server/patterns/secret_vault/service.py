@@ -26,7 +26,7 @@ from plugins.runtime.errors import (
     NotFound,
     PrismError,
 )
-from server.crypto import Keyring, parse_header
+from server.crypto import DECRYPTION_FAILED, Keyring, parse_header
 from server.patterns.secret_vault.store import SecretStore, Stored, WriteConflict
 
 log = logging.getLogger("prism.secret_vault")
@@ -106,12 +106,17 @@ def _ts(seconds: float) -> Timestamp:
 
 
 def _envelope(version: dict[str, Any]) -> bytes:
-    return base64.b64decode(version["value"])
-
-
-def _key_id(envelope: bytes) -> str:
     try:
-        return parse_header(envelope).key_id
+        return base64.b64decode(version["value"], validate=True)
+    except (binascii.Error, ValueError):
+        raise DataLoss(
+            "stored ciphertext is not base64", reason=DECRYPTION_FAILED, version=version["version"]
+        ) from None
+
+
+def _key_id(version: dict[str, Any]) -> str:
+    try:
+        return parse_header(_envelope(version)).key_id
     except PrismError:
         return UNREADABLE_KEY
 
@@ -130,7 +135,7 @@ def metadata(stored: Stored) -> pb.SecretMetadata:
         create_time=_ts(record["create_time"]),
         update_time=_ts(record["update_time"]),
         expired=stored.expired,
-        key_id=_key_id(_envelope(versions[0])),
+        key_id=_key_id(versions[0]),
     )
     if record.get("expire_time") is not None:
         meta.expire_time.CopyFrom(_ts(record["expire_time"]))
@@ -261,6 +266,8 @@ class SecretVault:
             # where the next page starts
             page, token = await self.store.scan(request.prefix, size - len(found), token, ctx)
             for _, stored in page:
+                if isinstance(stored, DataLoss):
+                    raise stored
                 record = stored.record
                 if type_name and record["type"] != type_name:
                     continue
@@ -341,7 +348,7 @@ class SecretVault:
             f"secret '{name}' kept changing; try again", reason="WRITE_CONTENTION", name=name
         )
 
-    async def records(self, ctx: CallContext) -> AsyncIterator[tuple[str, Stored]]:
+    async def records(self, ctx: CallContext) -> AsyncIterator[tuple[str, Stored | DataLoss]]:
         token = ""
         while True:
             page, token = await self.store.scan("", PASS_PAGE, token, ctx)
@@ -355,7 +362,10 @@ class SecretVault:
     ) -> pb.GetEncryptionStatusResponse:
         counts: Counter[str] = Counter()
         async for _, stored in self.records(ctx):
-            counts.update(_key_id(_envelope(v)) for v in stored.record["versions"])
+            if isinstance(stored, DataLoss):
+                counts[UNREADABLE_KEY] += 1
+            else:
+                counts.update(_key_id(v) for v in stored.record["versions"])
         state = self.reencryption
         return pb.GetEncryptionStatusResponse(
             primary_key_id=self.keyring.primary,
@@ -421,6 +431,8 @@ class Reencryption:
         try:
             async for name, stored in vault.records(ctx):
                 try:
+                    if isinstance(stored, DataLoss):
+                        raise stored
                     versions = stored.record["versions"]
                     if not any(keyring.needs_reencryption(_envelope(v)) for v in versions):
                         continue

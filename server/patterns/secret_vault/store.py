@@ -45,14 +45,46 @@ class Stored:
         return expire is not None and expire <= time.time()
 
 
+#: the record's fields and the types they must have (a record that is not like this is corrupt)
+FIELDS: dict[str, type | tuple[type, ...]] = {
+    "name": str,
+    "type": str,
+    "scopes": list,
+    "description": str,
+    "create_time": (int, float),
+    "update_time": (int, float),
+    "expire_time": (int, float, type(None)),
+    "versions": list,
+}
+VERSION_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "version": int,
+    "create_time": (int, float),
+    "value": str,
+}
+
+
+def _shaped(data: Any, fields: dict[str, type | tuple[type, ...]]) -> bool:
+    return isinstance(data, dict) and all(
+        isinstance(data.get(k, ...), t) for k, t in fields.items()
+    )
+
+
 def _decode(key: str, value: bytes) -> dict[str, Any]:
     try:
         record = json.loads(value)
     except ValueError:
         record = None
-    if not isinstance(record, dict) or not isinstance(record.get("versions"), list):
-        raise DataLoss(f"stored secret record {key!r} is not readable", reason="RECORD_CORRUPT")
-    return record
+    if not (
+        _shaped(record, FIELDS)
+        and record["versions"]
+        and all(_shaped(v, VERSION_FIELDS) for v in record["versions"])
+    ):
+        raise DataLoss(
+            f"stored secret record {key!r} is not readable (DeleteSecret removes it)",
+            reason="RECORD_CORRUPT",
+            key=key,
+        )
+    return record  # type: ignore[no-any-return]
 
 
 class SecretStore:
@@ -124,16 +156,20 @@ class SecretStore:
 
     async def scan(
         self, prefix: str, page_size: int, page_token: str, ctx: CallContext
-    ) -> tuple[Sequence[tuple[str, Stored]], str]:
-        """One page of records whose names start with `prefix`, in name order."""
+    ) -> tuple[Sequence[tuple[str, Stored | DataLoss]], str]:
+        """One page of records whose names start with `prefix`, in name order. An unreadable
+        record comes back as its error, so one bad record does not hide the others."""
         response = await self.scanner.scan(
             scan_pb.ScanRequest(
                 prefix=KEY_PREFIX + prefix, page_size=page_size, page_token=page_token
             ),
             ctx,
         )
-        page = [
-            (e.key.removeprefix(KEY_PREFIX), Stored(_decode(e.key, e.value), e.revision))
-            for e in response.entries
-        ]
+        page: list[tuple[str, Stored | DataLoss]] = []
+        for entry in response.entries:
+            name = entry.key.removeprefix(KEY_PREFIX)
+            try:
+                page.append((name, Stored(_decode(entry.key, entry.value), entry.revision)))
+            except DataLoss as exc:
+                page.append((name, exc))
         return page, response.next_page_token
