@@ -56,7 +56,8 @@ def settings_from(config: Mapping[str, Any]) -> Settings:
 
 
 class NatsPlugin(BackendPlugin):
-    """PubSub on core NATS; see registry/backends/nats.yaml for what is declared and why.
+    """PubSub on core NATS (and a JetStream log for persistent pub/sub); Streams and Queues on
+    JetStream streams and KV. registry/backends/nats.yaml says how each interface maps.
 
     Config: `connection` (nats://host:port), `subject_prefix` (default "prism"), `stream_name`
     (prefix of JetStream stream names), `connect_timeout_seconds`, `request_timeout_seconds`,
