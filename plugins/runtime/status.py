@@ -85,6 +85,7 @@ def error_from_status(
     and ErrorInfo metadata. Statuses without details (e.g. connection refused) keep their code
     with the default reason and `fallback` metadata."""
     reason: str | None = None
+    retry_delay: float | None = None
     metadata = dict(fallback or {})
     for key, value in _pairs(trailing_metadata):
         if key != DETAILS_KEY or not isinstance(value, bytes):
@@ -92,13 +93,19 @@ def error_from_status(
         status = status_pb2.Status.FromString(value)
         for detail in status.details:
             info = error_details_pb2.ErrorInfo()
+            retry = error_details_pb2.RetryInfo()
             if detail.Unpack(info):
                 reason = info.reason
                 metadata.update(info.metadata)
+            elif detail.Unpack(retry):
+                retry_delay = retry.retry_delay.ToNanoseconds() / 1e9
         message = status.message or message
     if code == grpc.StatusCode.UNKNOWN:
         code = grpc.StatusCode.INTERNAL
-    return errors.error_for_code(code, message, reason, metadata)
+    err = errors.error_for_code(code, message, reason, metadata)
+    if isinstance(err, errors.ResourceExhausted):
+        err.retry_delay = retry_delay
+    return err
 
 
 def _pairs(trailing_metadata: object) -> list[tuple[str, str | bytes]]:

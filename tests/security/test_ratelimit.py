@@ -22,6 +22,8 @@ from prism.interfaces.keyvalue.v1 import keyvalue_basic_pb2_grpc as kv_grpc
 from prism.interfaces.keyvalue.v1 import keyvalue_ttl_pb2 as ttl_pb
 
 from plugins.runtime.context import CallContext
+from plugins.runtime.errors import ResourceExhausted
+from plugins.runtime.status import error_from_status, status_for
 from prismctl.config import validate_config_data
 from prismctl.registry import load_registry
 from server.app import PrismServer, ServerOptions, create_server
@@ -236,3 +238,12 @@ def test_refill_caps_at_burst_and_never_gains_from_clock_skew() -> None:
         5.0,
         100.0,
     )
+
+
+def test_retry_info_survives_a_sidecar_hop() -> None:
+    """The status a sidecar sends becomes the same domain error in the server, delay included."""
+    sent = ResourceExhausted("slow down", retry_delay=0.25, reason="RATE_LIMITED", method="m")
+    status = status_for(sent)
+    got = error_from_status(status.code, status.details, status.trailing_metadata)
+    assert isinstance(got, ResourceExhausted)
+    assert (got.reason, got.retry_delay, got.metadata["method"]) == ("RATE_LIMITED", 0.25, "m")
