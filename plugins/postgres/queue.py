@@ -4,8 +4,9 @@ The table is `prism_queue_messages` unless the slot's config names another (`tab
 several slots or deployments can keep their queues apart in one database; such a table is
 created on start as a copy of `prism_queue_messages` (columns, defaults and indexes), and the
 name only ever reaches SQL as a quoted identifier. Dead-letter configurations stay in the
-shared `prism_queue_dead_letter` (keyed by namespace and queue); dead-lettering and redrive move
-messages within the slot's table. A plain Dequeue leases for the slot's `visibility_timeout`
+shared `prism_queue_dead_letter`, keyed by messages table as well as namespace and queue, so
+slots on different tables never see each other's; dead-lettering and redrive move messages
+within the slot's table. A plain Dequeue leases for the slot's `visibility_timeout`
 (30 s unless the config sets another).
 
 One row per message. `visible_at` is both the due time of a delayed message and the end of a
@@ -56,14 +57,15 @@ MESSAGE_COLUMNS = (
 )
 
 # The statements below name the slot's table as {messages} and the database clock as {now};
-# QueueStatements composes them with the table as an sql.Identifier.
+# QueueStatements composes them with the table as an sql.Identifier (and as an sql.Literal for
+# {table}, the key of the slot's dead-letter configurations).
 
 # Messages of queue %(q)s whose lease ended after their last allowed delivery go to the back of
 # the dead-letter queue, in their order; returns the DLQ once per moved message.
 DEAD_LETTER_EXPIRED = """
 WITH cfg AS (
     SELECT dead_letter_queue, max_deliveries FROM prism_queue_dead_letter
-    WHERE ns = %(ns)s AND queue = %(q)s
+    WHERE messages_table = {table} AND ns = %(ns)s AND queue = %(q)s
 ), moving AS (
     SELECT m.message_id FROM {messages} m, cfg
     WHERE m.ns = %(ns)s AND m.queue = %(q)s AND m.receipt IS NOT NULL
@@ -120,7 +122,8 @@ EXTEND = (
 # The leased message of a receipt, its DLQ and whether its deliveries are exhausted
 RELEASE_LOOKUP = (
     "SELECT m.message_id, c.dead_letter_queue, m.delivery_count >= c.max_deliveries "
-    "FROM {messages} m LEFT JOIN prism_queue_dead_letter c ON c.ns = m.ns AND c.queue = m.queue "
+    "FROM {messages} m LEFT JOIN prism_queue_dead_letter c "
+    "ON c.messages_table = {table} AND c.ns = m.ns AND c.queue = m.queue "
     "WHERE m.receipt = %s AND m.ns = %s AND m.queue = %s AND m.visible_at > {now} "
     "FOR UPDATE OF m"
 )
@@ -148,6 +151,22 @@ UPDATE {messages} m SET queue = %(q)s, source_queue = NULL, position = numbered.
     delivery_count = 0, receipt = NULL, visible_at = '-infinity'
 FROM numbered WHERE m.ns = %(ns)s AND m.message_id = numbered.message_id
 """
+
+DEAD_LETTER_CONFIG = (
+    "SELECT dead_letter_queue, max_deliveries FROM prism_queue_dead_letter "
+    "WHERE messages_table = {table} AND ns = %s AND queue = %s"
+)
+
+UNSET_DEAD_LETTER = (
+    "DELETE FROM prism_queue_dead_letter WHERE messages_table = {table} AND ns = %s AND queue = %s"
+)
+
+SET_DEAD_LETTER = (
+    "INSERT INTO prism_queue_dead_letter (messages_table, ns, queue, dead_letter_queue, "
+    "max_deliveries) VALUES ({table}, %s, %s, %s, %s) "
+    "ON CONFLICT (messages_table, ns, queue) DO UPDATE "
+    "SET dead_letter_queue = excluded.dead_letter_queue, max_deliveries = excluded.max_deliveries"
+)
 
 SCHEDULED = (
     "SELECT count(*) FROM {messages} WHERE ns = %s AND queue = %s AND receipt IS NULL "
@@ -179,7 +198,7 @@ def table_name(value: object) -> str:
     if value is None:
         return DEFAULT_TABLE
     if not isinstance(value, str) or not TABLE_NAME.fullmatch(value):
-        raise InvalidArgument("table", "must match ^[a-z_][a-z0-9_]{0,62}$")
+        raise InvalidArgument("table", f"must match ^{TABLE_NAME.pattern}$")
     return value
 
 
@@ -200,7 +219,9 @@ class QueueStatements:
     def __init__(self, table: str) -> None:
         def compose(template: LiteralString) -> sql.Composed:
             return sql.SQL(template).format(
-                messages=sql.Identifier(table), now=sql.SQL("statement_timestamp()")
+                messages=sql.Identifier(table),
+                table=sql.Literal(table),
+                now=sql.SQL("statement_timestamp()"),
             )
 
         self.dead_letter_expired = compose(DEAD_LETTER_EXPIRED)
@@ -214,6 +235,9 @@ class QueueStatements:
         self.release_to_dead_letter = compose(RELEASE_TO_DEAD_LETTER)
         self.release = compose(RELEASE)
         self.redrive = compose(REDRIVE)
+        self.dead_letter_config = compose(DEAD_LETTER_CONFIG)
+        self.unset_dead_letter = compose(UNSET_DEAD_LETTER)
+        self.set_dead_letter = compose(SET_DEAD_LETTER)
         self.scheduled = compose(SCHEDULED)
         self.create_table = compose(CREATE_TABLE)
 
@@ -445,18 +469,9 @@ class PostgresQueue:
         config = validation.dead_letter(queue, request.dead_letter_queue, request.max_deliveries)
         async with self.db.connection(ctx) as conn:
             if config is None:
-                await conn.execute(
-                    "DELETE FROM prism_queue_dead_letter WHERE ns = %s AND queue = %s",
-                    (ctx.namespace, queue),
-                )
+                await conn.execute(self.sql.unset_dead_letter, (ctx.namespace, queue))
             else:
-                await conn.execute(
-                    "INSERT INTO prism_queue_dead_letter (ns, queue, dead_letter_queue, "
-                    "max_deliveries) VALUES (%s, %s, %s, %s) ON CONFLICT (ns, queue) DO UPDATE "
-                    "SET dead_letter_queue = excluded.dead_letter_queue, "
-                    "max_deliveries = excluded.max_deliveries",
-                    (ctx.namespace, queue, *config),
-                )
+                await conn.execute(self.sql.set_dead_letter, (ctx.namespace, queue, *config))
         return dlq_pb.ConfigureDeadLetterResponse()
 
     async def get_dead_letter_config(
@@ -464,11 +479,7 @@ class PostgresQueue:
     ) -> dlq_pb.GetDeadLetterConfigResponse:
         queue = validation.queue_name(request.queue)
         async with self.db.connection(ctx) as conn:
-            cur = await conn.execute(
-                "SELECT dead_letter_queue, max_deliveries FROM prism_queue_dead_letter "
-                "WHERE ns = %s AND queue = %s",
-                (ctx.namespace, queue),
-            )
+            cur = await conn.execute(self.sql.dead_letter_config, (ctx.namespace, queue))
             row = await cur.fetchone()
         if row is None:
             return dlq_pb.GetDeadLetterConfigResponse(configured=False)
@@ -484,11 +495,7 @@ class PostgresQueue:
         ns = ctx.namespace
         async with self.db.connection(ctx) as conn, conn.transaction():
             await self._dead_letter_expired(conn, ns, queue)
-            cur = await conn.execute(
-                "SELECT dead_letter_queue FROM prism_queue_dead_letter "
-                "WHERE ns = %s AND queue = %s",
-                (ns, queue),
-            )
+            cur = await conn.execute(self.sql.dead_letter_config, (ns, queue))
             config = await cur.fetchone()
             if config is None:
                 raise FailedPrecondition(

@@ -97,6 +97,14 @@ MIGRATIONS: list[tuple[LiteralString, ...]] = [
             created timestamptz NOT NULL DEFAULT statement_timestamp()
         )""",
     ),
+    # 5: dead-letter configurations belong to a messages table (a slot's `table` config), so
+    # slots keeping queues in different tables never share them
+    (
+        'ALTER TABLE prism_queue_dead_letter ADD COLUMN messages_table text COLLATE "C" '
+        "NOT NULL DEFAULT 'prism_queue_messages'",
+        "ALTER TABLE prism_queue_dead_letter DROP CONSTRAINT prism_queue_dead_letter_pkey, "
+        "ADD PRIMARY KEY (messages_table, ns, queue)",
+    ),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

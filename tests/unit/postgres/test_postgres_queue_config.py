@@ -86,6 +86,21 @@ async def test_slots_with_different_tables_keep_their_queues_apart(
         await a.queue.release(vis_pb.ReleaseRequest(queue="jobs", receipt_handle=handle), ctx)
         assert await _payloads(a, ctx, "jobs-dlq") == [b"a"]
         assert await _payloads(b, ctx, "jobs-dlq") == []
+        # and dead-letter configurations belong to the table too
+        unset = await b.queue.get_dead_letter_config(
+            dlq_pb.GetDeadLetterConfigRequest(queue="jobs"), ctx
+        )
+        assert not unset.configured
+        await b.queue.configure_dead_letter(
+            dlq_pb.ConfigureDeadLetterRequest(
+                queue="jobs", dead_letter_queue="b-dlq", max_deliveries=5
+            ),
+            ctx,
+        )
+        kept = await a.queue.get_dead_letter_config(
+            dlq_pb.GetDeadLetterConfigRequest(queue="jobs"), ctx
+        )
+        assert (kept.dead_letter_queue, kept.max_deliveries) == ("jobs-dlq", 1)
 
     async with await psycopg.AsyncConnection.connect(pg_server.url) as conn:
         cur = await conn.execute(
