@@ -247,3 +247,11 @@ def test_retry_info_survives_a_sidecar_hop() -> None:
     got = error_from_status(status.code, status.details, status.trailing_metadata)
     assert isinstance(got, ResourceExhausted)
     assert (got.reason, got.retry_delay, got.metadata["method"]) == ("RATE_LIMITED", 0.25, "m")
+
+
+def test_bucket_keys_stay_within_the_key_limit() -> None:
+    long_a, long_b = "cert:CN=" + "a" * 2000, "cert:CN=" + "b" * 2000
+    assert bucket_key("peer:ipv4:10.0.0.1", "/" + GET) == f"/{GET}|peer:ipv4:10.0.0.1"
+    keys = {bucket_key(who, "/" + GET) for who in (long_a, long_b)}
+    assert len(keys) == 2
+    assert all(len(k.encode()) <= 1024 for k in keys)
