@@ -69,7 +69,9 @@ class ConfigError(Exception):
     """The config has findings; the server does not start."""
 
     def __init__(self, diagnostics: list[Diagnostic]) -> None:
-        super().__init__(f"{len(diagnostics)} configuration finding(s)")
+        findings = "; ".join(f"{d.file}:{d.line}:{d.col}: {d.message} [{d.rule_id}]"
+                             for d in diagnostics)  # fmt: skip
+        super().__init__(f"{len(diagnostics)} configuration finding(s): {findings}")
         self.diagnostics = diagnostics
 
 
