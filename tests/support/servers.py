@@ -123,13 +123,22 @@ class RedisServer(ThrowawayServer):
 
 
 class NatsServer(ThrowawayServer):
+    """nats-server with JetStream, storing under the work dir. max_payload is raised from the
+    1 MiB default to 8 MiB so messages up to the contract's 4 MiB limit fit (no flag for it:
+    only a config file sets it)."""
+
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
         binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
-        return [binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.workdir)]
+        config = self.workdir / "nats.conf"
+        config.write_text("max_payload: 8MB\n")
+        return [
+            binary, "-c", str(config), "-a", "127.0.0.1", "-p", str(self.port),
+            "-js", "-sd", str(self.workdir),
+        ]  # fmt: skip
 
 
 class MongoServer(ThrowawayServer):
