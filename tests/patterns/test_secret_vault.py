@@ -1,4 +1,5 @@
-"""The secret-vault pattern over real gRPC on memstore, SQLite, PostgreSQL and Redis.
+"""The secret-vault pattern over real gRPC on memstore, SQLite, PostgreSQL, Redis and SQLite
+as a sidecar.
 
 Each backend gets one server for the module with two namespaces on the same backend: `vault`
 (the slot's every interface: TTL and CAS too) and `plain` (keyvalue_basic + keyvalue_scan only,
@@ -37,7 +38,7 @@ from prism.patterns.secret_vault.v1 import secret_vault_pb2_grpc as vault_grpc
 from plugins.redis.keys import Keyspace
 from server.crypto import ENV_KEYS, Keyring, new_key, parse_header
 from tests.conformance.backends import SETUPS
-from tests.support.harness import error_details, namespaced, running_server
+from tests.support.harness import error_details, namespaced, running_server, running_sidecar
 from tests.support.wait import eventually
 
 if TYPE_CHECKING:
@@ -45,7 +46,8 @@ if TYPE_CHECKING:
         SecretVaultServiceAsyncStub as AsyncStub,
     )
 
-BACKENDS = ["memstore", "sqlite", "postgres", "redis"]
+#: "sqlite-sidecar": the store slot bound to a `prism-plugin sqlite` subprocess
+BACKENDS = ["memstore", "sqlite", "postgres", "redis", "sqlite-sidecar"]
 VAULT = "vault"
 PASSWORD = pb.SECRET_TYPE_PASSWORD
 PLAIN = "plain"
@@ -56,11 +58,11 @@ def keyring(primary: str, *others: str) -> Keyring:
     return Keyring(primary, {k: base64.b64decode(new_key()) for k in (primary, *others)})
 
 
-def vault_config(backend: str, slot: dict[str, Any], namespaces: dict[str, Any]) -> dict[str, Any]:
-    """namespace → `interfaces:` subset (None: all the backend has), all on the same backend."""
+def vault_config(slot: dict[str, Any], namespaces: dict[str, Any]) -> dict[str, Any]:
+    """namespace → `interfaces:` subset (None: all the backend has), all in the same slot."""
     result = []
     for name, interfaces in namespaces.items():
-        store: dict[str, Any] = {"backend": backend, "config": slot}
+        store = dict(slot)
         if interfaces is not None:
             store["interfaces"] = interfaces
         result.append(
@@ -154,6 +156,7 @@ class RawStore:
 @dataclass
 class Vault:
     backend: str
+    #: the store slot's entry (backend + config, or backend + sidecar address)
     slot: dict[str, Any]
     root: Path
     stub: AsyncStub
@@ -180,16 +183,23 @@ async def vault(
     backend: str = request.param
     root = tmp_path_factory.mktemp(f"vault-{backend}")
     async with contextlib.AsyncExitStack() as stack:
-        slot = await stack.enter_async_context(SETUPS[backend](root / "backend"))
-        config = vault_config(
-            backend, slot, {VAULT: None, PLAIN: ["keyvalue_basic", "keyvalue_scan"]}
-        )
+        if backend == "sqlite-sidecar":
+            config: dict[str, Any] = {"connection": "sqlite:///conformance.db"}
+            address = await stack.enter_async_context(
+                running_sidecar("sqlite", config, root / "sidecar")
+            )
+            slot: dict[str, Any] = {"backend": "sqlite", "address": address}
+            raw: RawStore | None = RawStore("sqlite", config, root / "sidecar")
+        else:
+            config = await stack.enter_async_context(SETUPS[backend](root / "backend"))
+            slot = {"backend": backend, "config": config}
+            raw = None if backend == "memstore" else RawStore(backend, config, root / "server")
+        namespaces = {VAULT: None, PLAIN: ["keyvalue_basic", "keyvalue_scan"]}
         server = await stack.enter_async_context(
-            running_server(config, root / "server", keyring=keyring("k1"))
+            running_server(vault_config(slot, namespaces), root / "server", keyring=keyring("k1"))
         )
         channel = grpc.aio.insecure_channel(server.address)
         stack.push_async_callback(channel.close, None)
-        raw = None if backend == "memstore" else RawStore(backend, slot, root / "server")
         yield Vault(
             backend, slot, root, vault_grpc.SecretVaultServiceStub(channel), raw, itertools.count()
         )
@@ -460,7 +470,7 @@ async def test_backend_holds_no_plaintext(vault: Vault) -> None:
     for value in secrets.values():
         assert value not in stored
         assert base64.b64encode(value) not in stored
-    if vault.backend == "sqlite":
+    if raw.backend == "sqlite":
         on_disk = raw.files()
         assert on_disk
         for value in secrets.values():
@@ -546,7 +556,7 @@ async def test_key_rotation_with_concurrent_writes(vault: Vault) -> None:
     vault.needs_raw()  # a restart must find the data again
     old = keyring("k1")
     new = Keyring("k2", {**old.keys, "k2": base64.b64decode(new_key())})
-    config = vault_config(vault.backend, vault.slot, {"rot": None})
+    config = vault_config(vault.slot, {"rot": None})
     data_dir = vault.root / "server"  # same SQLite file as the module's server
     expected: dict[str, list[bytes]] = {}
     async with vault_server(config, data_dir, old) as stub:
@@ -606,7 +616,7 @@ async def test_missing_or_unknown_key_is_data_loss_not_garbage(vault: Vault) -> 
     """A server whose keyring lost the key a value was written under answers DATA_LOSS and
     reports the value as pending in the status (its pass cannot move it)."""
     vault.needs_raw()  # a restart must find the data again
-    config = vault_config(vault.backend, vault.slot, {"lost": None})
+    config = vault_config(vault.slot, {"lost": None})
     data_dir = vault.root / "server"
     async with vault_server(config, data_dir, keyring("k1")) as stub:
         await stub.StoreSecret(
@@ -631,7 +641,7 @@ async def test_unreadable_record_does_not_stop_reencryption(vault: Vault) -> Non
     raw = vault.needs_raw()
     old = keyring("k1")
     new = Keyring("k2", {**old.keys, "k2": base64.b64decode(new_key())})
-    config = vault_config(vault.backend, vault.slot, {"broken": None})
+    config = vault_config(vault.slot, {"broken": None})
     data_dir = vault.root / "server"
     md = namespaced("broken")
     async with vault_server(config, data_dir, old) as stub:
@@ -679,7 +689,7 @@ def _server(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
 @pytest.fixture
 def vault_config_file(tmp_path: Path) -> Path:
     path = tmp_path / "vault.yaml"
-    config = vault_config("memstore", {}, {VAULT: None})
+    config = vault_config({"backend": "memstore", "config": {}}, {VAULT: None})
     path.write_text(yaml.safe_dump(config))
     return path
 
