@@ -107,7 +107,7 @@ class Keyring:
         return header + nonce + sealed
 
     def decrypt(self, envelope: bytes, context: bytes) -> bytes:
-        label = context.decode("utf-8", "replace")
+        label = context.decode("utf-8", "replace").replace("\0", "/")  # for humans
         header = parse_header(envelope, label)
         key = self.keys.get(header.key_id)
         if key is None:

@@ -517,6 +517,7 @@ async def test_tampered_ciphertext_is_data_loss(
     info, _ = error_details(caught.value)
     assert caught.value.code() == grpc.StatusCode.DATA_LOSS
     assert info is not None and info.reason == "DECRYPTION_FAILED"
+    assert info.metadata["context"] == f"prism.secret-vault.v1/{VAULT}/{name}/1"
     assert "do-not-leak" not in (caught.value.details() or "")
 
 
