@@ -61,7 +61,7 @@ class QueueVisibilityServiceServicer:
     """
 
     def DequeueWithTimeout(self, request, context):
-        """DequeueWithTimeout is Dequeue with an explicit lease length instead of the default 30 s.
+        """DequeueWithTimeout is Dequeue with an explicit lease length instead of the slot's default.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -37,7 +37,7 @@ class QueueVisibilityServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> QueueVisibilityServiceAsyncStub: ...
     DequeueWithTimeout: _grpc.UnaryUnaryMultiCallable[_queue_visibility_pb2.DequeueWithTimeoutRequest, _queue_visibility_pb2.DequeueWithTimeoutResponse]
-    """DequeueWithTimeout is Dequeue with an explicit lease length instead of the default 30 s."""
+    """DequeueWithTimeout is Dequeue with an explicit lease length instead of the slot's default."""
     ExtendVisibility: _grpc.UnaryUnaryMultiCallable[_queue_visibility_pb2.ExtendVisibilityRequest, _queue_visibility_pb2.ExtendVisibilityResponse]
     """ExtendVisibility sets a live lease to end `visibility_timeout` from now (it may shorten it);
     the receipt handle stays valid. An invalid handle is NOT_FOUND (reason RECEIPT_NOT_FOUND).
@@ -58,7 +58,7 @@ class QueueVisibilityServiceAsyncStub(QueueVisibilityServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     DequeueWithTimeout: _aio.UnaryUnaryMultiCallable[_queue_visibility_pb2.DequeueWithTimeoutRequest, _queue_visibility_pb2.DequeueWithTimeoutResponse]  # type: ignore[assignment]
-    """DequeueWithTimeout is Dequeue with an explicit lease length instead of the default 30 s."""
+    """DequeueWithTimeout is Dequeue with an explicit lease length instead of the slot's default."""
     ExtendVisibility: _aio.UnaryUnaryMultiCallable[_queue_visibility_pb2.ExtendVisibilityRequest, _queue_visibility_pb2.ExtendVisibilityResponse]  # type: ignore[assignment]
     """ExtendVisibility sets a live lease to end `visibility_timeout` from now (it may shorten it);
     the receipt handle stays valid. An invalid handle is NOT_FOUND (reason RECEIPT_NOT_FOUND).
@@ -82,7 +82,7 @@ class QueueVisibilityServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _queue_visibility_pb2.DequeueWithTimeoutRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_queue_visibility_pb2.DequeueWithTimeoutResponse, _abc.Awaitable[_queue_visibility_pb2.DequeueWithTimeoutResponse]]:
-        """DequeueWithTimeout is Dequeue with an explicit lease length instead of the default 30 s."""
+        """DequeueWithTimeout is Dequeue with an explicit lease length instead of the slot's default."""
 
     @_abc_1.abstractmethod
     def ExtendVisibility(
