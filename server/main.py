@@ -1,8 +1,10 @@
-"""`prism-server [--config FILE] [--listen HOST:PORT] [--data-dir DIR] [--tls-cert FILE
---tls-key FILE [--tls-client-ca FILE]]` (env PRISM_CONFIG, PRISM_LISTEN, PRISM_DATA_DIR,
-PRISM_TLS_CERT, PRISM_TLS_KEY, PRISM_TLS_CLIENT_CA). Exit codes: 0 clean shutdown, 1 config
-findings, 2 usage (including a certificate or key with wrong content), 3 cannot start (invalid
-registry, bind failure, unreachable backend or sidecar, unreadable certificate file)."""
+"""`prism-server [--config FILE] [--listen HOST:PORT] [--data-dir DIR] [--keyring FILE]
+[--tls-cert FILE --tls-key FILE [--tls-client-ca FILE]]` (env PRISM_CONFIG, PRISM_LISTEN,
+PRISM_DATA_DIR, PRISM_KEYRING or PRISM_ENCRYPTION_KEYS, PRISM_TLS_CERT, PRISM_TLS_KEY,
+PRISM_TLS_CLIENT_CA). Exit codes: 0 clean shutdown, 1 config findings, 2 usage (including a
+certificate or key with wrong content), 3 cannot start (invalid registry, bind failure,
+unreachable backend or sidecar, unreadable certificate file, unusable keyring, a secret vault
+without a keyring)."""
 
 from __future__ import annotations
 
