@@ -309,13 +309,9 @@ class ArtifactRegistry:
         """A new publication ends any RollbackVersion pin and may change the latest version."""
         await self._refresh_latest(organization, slug, ctx, pin=None)
 
-    async def create_artifact(
-        self, request: pb.CreateArtifactRequest, ctx: CallContext
-    ) -> pb.CreateArtifactResponse:
-        at = model.now()
-        doc = model.new_version_doc(request.artifact, at)
-        if request.publish:
-            doc.update(state="published", publish_time=at, changelog=request.changelog)
+    async def _insert_version(self, doc: dict[str, Any], ctx: CallContext) -> Stored:
+        """Store a new version under its (organization, slug, version) id: the store's
+        insert-if-absent is what makes that triple unique on every backend."""
         doc_id = model.version_id(doc["organization"], doc["slug"], doc["version"])
         try:
             stored = await self.store.insert(ARTIFACTS, doc_id, doc, ctx)
@@ -327,9 +323,19 @@ class ArtifactRegistry:
                 version=doc["version"],
             ) from None
         await self._written(stored, pb.CHANGE_KIND_CREATED, ctx)
+        return stored
+
+    async def create_artifact(
+        self, request: pb.CreateArtifactRequest, ctx: CallContext
+    ) -> pb.CreateArtifactResponse:
+        at = model.now()
+        doc = model.new_version_doc(request.artifact, at)
+        if request.publish:
+            doc.update(state="published", publish_time=at, changelog=request.changelog)
+        stored = await self._insert_version(doc, ctx)
         if request.publish:
             await self._after_publish(doc["organization"], doc["slug"], ctx)
-            stored = await self._load(doc_id, ctx)
+            stored = await self._load(stored.id, ctx)
         return pb.CreateArtifactResponse(artifact=self._artifact(stored))
 
     async def get_artifact(
@@ -425,17 +431,7 @@ class ArtifactRegistry:
             "stats": {"downloads": 0, "stars": 0, "views": 0, "last_access_time": None,
                       "trend": None},
         }  # fmt: skip
-        doc_id = model.version_id(doc["organization"], doc["slug"], doc["version"])
-        try:
-            stored = await self.store.insert(ARTIFACTS, doc_id, doc, ctx)
-        except AlreadyExists:
-            raise AlreadyExists(
-                f"{doc['lineage']}@{doc['version']} already exists",
-                reason="ARTIFACT_EXISTS",
-                name=doc["lineage"],
-                version=doc["version"],
-            ) from None
-        await self._written(stored, pb.CHANGE_KIND_CREATED, ctx)
+        stored = await self._insert_version(doc, ctx)
         return pb.UpdateArtifactResponse(artifact=self._artifact(stored), created_version=True)
 
     async def delete_artifact(
