@@ -76,6 +76,8 @@ async def serve(args: argparse.Namespace) -> int:
         keyring=configured_keyring(args.keyring, os.environ),
         tls=args.tls,
     )
+    stopping = asyncio.Event()
+    on_shutdown_signals(stopping.set)  # before anyone can learn the address and signal us
     server = await create_server(options)
     await server.start()
     embedded = ", ".join(
@@ -88,8 +90,6 @@ async def serve(args: argparse.Namespace) -> int:
         mtls = "" if args.tls.client_ca is None else ", client certificates required (mTLS)"
         print(f"prism-server: TLS with {args.tls.cert}{mtls}", flush=True)
     print(f"prism-server listening on {server.address}", flush=True)
-    stopping = asyncio.Event()
-    on_shutdown_signals(stopping.set)
     await stopping.wait()
     await server.stop()
     return 0

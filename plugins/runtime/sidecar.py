@@ -212,6 +212,8 @@ async def run(args: argparse.Namespace) -> int:
     except TLSError as exc:
         raise UsageError(str(exc), exc.exit_code) from None
     plugin = build_plugin(args.backend, args.config, args.data_dir)
+    stopping = asyncio.Event()
+    on_shutdown_signals(stopping.set)  # before anyone can learn the address and signal us
     sidecar = Sidecar(plugin, args.listen, credentials=credentials)
     try:
         sidecar.bind()
@@ -226,8 +228,6 @@ async def run(args: argparse.Namespace) -> int:
         )
         raise UsageError(f"backend '{args.backend}' failed to start: {message}", 3) from None
     print(f"prism-plugin {args.backend} listening on {sidecar.address}", flush=True)
-    stopping = asyncio.Event()
-    on_shutdown_signals(stopping.set)
     await stopping.wait()
     await sidecar.stop()
     return 0
