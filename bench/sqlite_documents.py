@@ -279,7 +279,7 @@ def report(results: list[Result], clients: int) -> None:
             if one is None or many is None:
                 continue
             if not one.latencies_ms or not many.latencies_ms:
-                print(f"{size:>7} {name:<13} no call started in the window completed")
+                print(f"{size:>7} {name:<13} no call completed within the window (raise --seconds)")
                 continue
             base_one, base_many = runs[(size, "baseline", 1)], runs[(size, "baseline", clients)]
             smallest = runs[(sizes[0], name, 1)]

@@ -430,20 +430,22 @@ def json_scalar(value: Scalar) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _group_keys(value: Any, unwind: bool) -> list[Scalar]:
+def _group_keys(value: Any, unwind: bool) -> dict[SortValue, Scalar]:
+    """The groups a document joins, keyed by sort value: keys equal under the filter's
+    equality (1 and 1.0) have equal sort values, so an unwound array joins each group once."""
     if value is MISSING or value is None:
-        return [None]
+        return {sort_value(None): None}
     if isinstance(value, dict):
-        return []
+        return {}
     if isinstance(value, list):
         if not unwind:
-            return []
-        keys: list[Scalar] = []
+            return {}
+        keys: dict[SortValue, Scalar] = {}
         for element in value:
-            if _is_scalar(element) and not any(scalar_equal(element, k) for k in keys):
-                keys.append(element)
+            if _is_scalar(element):
+                keys.setdefault(sort_value(element), element)
         return keys
-    return [value]
+    return {sort_value(value): value}
 
 
 def _accumulate(op: str, values: list[Any]) -> Scalar:
@@ -486,12 +488,13 @@ def aggregate_values(
     groups: dict[SortValue, Group] = {}
     if spec.group_by is None:
         groups[sort_value(None)] = Group(None, values=[[] for _ in spec.accumulators])
+    everything = {sort_value(None): None}
     for group_value, field_values in rows:
-        keys = [None] if spec.group_by is None else _group_keys(group_value, spec.unwind)
-        for k in keys:
-            g = groups.get(sort_value(k))
+        keys = everything if spec.group_by is None else _group_keys(group_value, spec.unwind)
+        for ordering, k in keys.items():
+            g = groups.get(ordering)
             if g is None:
-                g = groups[sort_value(k)] = Group(k, values=[[] for _ in spec.accumulators])
+                g = groups[ordering] = Group(k, values=[[] for _ in spec.accumulators])
             g.count += 1
             for column, value in zip(g.values, field_values, strict=True):
                 column.append(value)
