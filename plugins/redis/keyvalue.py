@@ -8,9 +8,6 @@ invisible at once; the key index forgets expired keys lazily, before each Scan/C
 
 from __future__ import annotations
 
-import secrets
-import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
@@ -18,17 +15,19 @@ from prism.interfaces.keyvalue.v1 import keyvalue_basic_pb2 as basic_pb
 from prism.interfaces.keyvalue.v1 import keyvalue_batch_pb2 as batch_pb
 from prism.interfaces.keyvalue.v1 import keyvalue_cas_pb2 as cas_pb
 from prism.interfaces.keyvalue.v1 import keyvalue_scan_pb2 as scan_pb
-from prism.interfaces.keyvalue.v1 import keyvalue_transactional_pb2 as tx_pb
 from prism.interfaces.keyvalue.v1 import keyvalue_ttl_pb2 as ttl_pb
 
 from plugins.redis.connection import RedisConnection
 from plugins.redis.keys import Keyspace, lex_range
 from plugins.runtime import validation
 from plugins.runtime.context import CallContext
-from plugins.runtime.errors import Aborted, AlreadyExists, InvalidArgument, NotFound
-
-DEFAULT_TX_TIMEOUT = 30.0
-MAX_TX_TIMEOUT = 300.0
+from plugins.runtime.errors import Aborted, AlreadyExists, InvalidArgument
+from plugins.runtime.transactions import (
+    BufferedTransaction,
+    OptimisticTransactions,
+    TransactionTable,
+    conflict,
+)
 
 ISOLATION = (
     "serializable (optimistic): writes are buffered in the plugin and reads go to Redis and see "
@@ -42,27 +41,11 @@ ISOLATION = (
 )
 
 
-@dataclass
-class Transaction:
-    ns: str
-    timeout: float
-    deadline: float
-    #: operations in the order sent: (key, value) or (key, None) for a delete
-    ops: list[tuple[str, bytes | None]] = field(default_factory=list)
-    #: the transaction's own view of keys it wrote (None: deleted)
-    writes: dict[str, bytes | None] = field(default_factory=dict)
-    #: revision (0: absent) of every key whose committed state the transaction looked at
-    reads: dict[str, int] = field(default_factory=dict)
-
-    def touch(self) -> None:
-        self.deadline = time.monotonic() + self.timeout
-
-
 def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
-class RedisKeyValue:
+class RedisKeyValue(OptimisticTransactions):
     """keyvalue_basic, _batch, _cas, _scan, _ttl and _transactional."""
 
     def __init__(self, conn: RedisConnection, key_prefix: bytes, default_ttl: float | None) -> None:
@@ -70,7 +53,7 @@ class RedisKeyValue:
         self.key_prefix = key_prefix
         #: expiry (ms) of writes that carry no TTL of their own; 0 = none (slot `ttl_seconds`)
         self.default_ttl_ms = 0 if default_ttl is None else _ms(default_ttl)
-        self.transactions: dict[str, Transaction] = {}
+        self.transactions = TransactionTable[BufferedTransaction]()
 
     def space(self, ctx: CallContext) -> Keyspace:
         return Keyspace(self.key_prefix, ctx.namespace)
@@ -345,89 +328,13 @@ class RedisKeyValue:
 
     # -- transactional -----------------------------------------------------------------------
 
-    def _transaction(self, transaction_id: str, ctx: CallContext) -> Transaction:
-        txn = self.transactions.get(transaction_id)
-        if txn is not None and txn.deadline <= time.monotonic():
-            del self.transactions[transaction_id]
-            txn = None
-        if txn is None or txn.ns != ctx.namespace:
-            raise NotFound(
-                f"transaction {transaction_id!r} not found (unknown, finished or timed out)",
-                reason="TRANSACTION_NOT_FOUND",
-                transaction_id=transaction_id,
-            )
-        txn.touch()
-        return txn
+    async def _committed(self, ctx: CallContext, key: str) -> tuple[bytes, int] | None:
+        return await self._lookup(ctx, key)
 
-    def purge_idle_transactions(self) -> None:
-        """Roll back (forget) transactions idle past their timeout."""
-        now = time.monotonic()
-        for tid in [t for t, txn in self.transactions.items() if txn.deadline <= now]:
-            del self.transactions[tid]
-
-    async def _view(self, txn: Transaction, key: str, ctx: CallContext) -> bytes | None:
-        """The transaction's view of `key`: its own write if any, else the committed value,
-        whose revision is remembered for the conflict check at Commit."""
-        if key in txn.writes:
-            return txn.writes[key]
-        found = await self._lookup(ctx, key)
-        txn.reads.setdefault(key, 0 if found is None else found[1])
-        return None if found is None else found[0]
-
-    async def begin_transaction(
-        self, request: tx_pb.BeginTransactionRequest, ctx: CallContext
-    ) -> tx_pb.BeginTransactionResponse:
-        timeout = DEFAULT_TX_TIMEOUT
-        if request.HasField("timeout"):
-            seconds = request.timeout.seconds + request.timeout.nanos / 1e9
-            if seconds < 0:
-                raise InvalidArgument("timeout", "must not be negative")
-            if seconds > MAX_TX_TIMEOUT:
-                raise InvalidArgument("timeout", "must be at most 5 minutes")
-            if seconds > 0:
-                timeout = seconds
-        self.purge_idle_transactions()
-        transaction_id = secrets.token_urlsafe(18)
-        txn = Transaction(ns=ctx.namespace, timeout=timeout, deadline=0.0)
-        txn.touch()
-        self.transactions[transaction_id] = txn
-        return tx_pb.BeginTransactionResponse(transaction_id=transaction_id)
-
-    async def set_in_transaction(
-        self, request: tx_pb.SetInTransactionRequest, ctx: CallContext
-    ) -> tx_pb.SetInTransactionResponse:
-        key = validation.key(request.key)
-        value = validation.value(request.value)
-        txn = self._transaction(request.transaction_id, ctx)
-        txn.ops.append((key, value))
-        txn.writes[key] = value
-        return tx_pb.SetInTransactionResponse()
-
-    async def get_in_transaction(
-        self, request: tx_pb.GetInTransactionRequest, ctx: CallContext
-    ) -> tx_pb.GetInTransactionResponse:
-        key = validation.key(request.key)
-        txn = self._transaction(request.transaction_id, ctx)
-        value = await self._view(txn, key, ctx)
-        if value is None:
-            return tx_pb.GetInTransactionResponse(found=False)
-        return tx_pb.GetInTransactionResponse(found=True, value=value)
-
-    async def delete_in_transaction(
-        self, request: tx_pb.DeleteInTransactionRequest, ctx: CallContext
-    ) -> tx_pb.DeleteInTransactionResponse:
-        key = validation.key(request.key)
-        txn = self._transaction(request.transaction_id, ctx)
-        existed = await self._view(txn, key, ctx) is not None
-        txn.ops.append((key, None))
-        txn.writes[key] = None
-        return tx_pb.DeleteInTransactionResponse(deleted=existed)
-
-    async def commit(self, request: tx_pb.CommitRequest, ctx: CallContext) -> tx_pb.CommitResponse:
-        txn = self._transaction(request.transaction_id, ctx)
-        del self.transactions[request.transaction_id]
+    async def _apply(self, txn: BufferedTransaction, ctx: CallContext) -> None:
+        """One Lua script: Redis runs it atomically, so the check and the writes are one step."""
         if not txn.ops and not txn.reads:
-            return tx_pb.CommitResponse()
+            return
         ks = self.space(ctx)
         args: list[bytes | str | int] = [ks.data_prefix, self.default_ttl_ms, len(txn.reads)]
         for key, seen in txn.reads.items():
@@ -438,21 +345,7 @@ class RedisKeyValue:
             ctx, self.conn.scripts.commit, [ks.counter, ks.index, ks.expiring], args
         )
         if not reply[0]:
-            conflict = reply[1].decode("utf-8")
-            raise Aborted(
-                f"key {conflict!r} changed since the transaction read it; retry the whole "
-                "transaction",
-                reason="TRANSACTION_CONFLICT",
-                key=conflict,
-            )
-        return tx_pb.CommitResponse()
-
-    async def rollback(
-        self, request: tx_pb.RollbackRequest, ctx: CallContext
-    ) -> tx_pb.RollbackResponse:
-        self._transaction(request.transaction_id, ctx)
-        del self.transactions[request.transaction_id]
-        return tx_pb.RollbackResponse()
+            raise conflict(reply[1].decode("utf-8"))
 
 
 def _mismatch(key: str, expected: int, current: int) -> Aborted:
