@@ -208,9 +208,7 @@ async def run_backend(
         str(BIN / "prism-server"), "--config", str(config), "--listen", "127.0.0.1:0",
         "--data-dir", str(tmp / backend),
     ]  # fmt: skip
-    address = stack.enter_context(
-        spawn(command, r"listening on (\S+:\d+)", env={"PRISM_LOG_LEVEL": "WARNING"})
-    )
+    address = stack.enter_context(spawn(command, r"listening on (\S+:\d+)"))
     return await measure(backend, url, address, tmp, concurrency, seconds)
 
 

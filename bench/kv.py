@@ -89,9 +89,7 @@ def main() -> None:
                     str(BIN / "prism-server"), "--config", str(config),
                     "--listen", "127.0.0.1:0", "--data-dir", str(Path(tmp) / target),
                 ]  # fmt: skip
-            with spawn(
-                command, r"listening on (\S+:\d+)", env={"PRISM_LOG_LEVEL": "WARNING"}
-            ) as address:
+            with spawn(command, r"listening on (\S+:\d+)") as address:
                 results += run_fast(measure(target, address, concurrencies, args.seconds))
     print()
     print_report(results, baseline_target="echo")

@@ -240,9 +240,7 @@ def prism_server(target: str, tmp: Path) -> Iterator[str]:
             path = tmp / "postgres.yaml"
             path.write_text(yaml.safe_dump(config))
             command += ["--config", str(path)]
-        yield stack.enter_context(
-            spawn(command, r"listening on (\S+:\d+)", env={"PRISM_LOG_LEVEL": "WARNING"})
-        )
+        yield stack.enter_context(spawn(command, r"listening on (\S+:\d+)"))
 
 
 def report(results: list[Result], echo: Result) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -135,6 +136,9 @@ def install_uvloop() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def configure_logging(level: int = logging.INFO) -> None:
-    """One line per record on stderr; access log lines are JSON already."""
+def configure_logging() -> None:
+    """One line per record on stderr; access log lines are JSON already. PRISM_LOG_LEVEL
+    (default INFO: one access line per call; WARNING silences them) sets the level."""
+    name = os.environ.get("PRISM_LOG_LEVEL", "INFO").upper()
+    level = logging.getLevelNamesMapping().get(name, logging.INFO)
     logging.basicConfig(level=level, format="%(message)s")
