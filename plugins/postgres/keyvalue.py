@@ -11,10 +11,8 @@ ranges are then the byte order the scan contract promises, with no LIKE and no w
 from __future__ import annotations
 
 import asyncio
-import secrets
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import LiteralString, TypeVar
 
 import psycopg
@@ -28,22 +26,17 @@ from prism.interfaces.keyvalue.v1 import keyvalue_ttl_pb2 as ttl_pb
 from psycopg import sql
 
 from plugins.postgres.db import Conn, Database, translate
-from plugins.runtime import validation
+from plugins.runtime import transactions, validation
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import (
     Aborted,
     AlreadyExists,
     InvalidArgument,
-    NotFound,
-    PrismError,
-    ResourceExhausted,
 )
 
 T = TypeVar("T")
 
 LIVE = "(expires_at IS NULL OR expires_at > statement_timestamp())"
-DEFAULT_TX_TIMEOUT = 30.0
-MAX_TX_TIMEOUT = 300.0
 #: isolation of KeyValueTransactional; a concurrent write to a row the transaction also writes
 #: is a serialization failure (first updater wins), reported as TRANSACTION_CONFLICT
 TX_ISOLATION: LiteralString = "REPEATABLE READ"
@@ -110,21 +103,11 @@ def _mismatch(key: str, expected: int, current: int) -> Aborted:
     )
 
 
-@dataclass
-class HeldTransaction:
+@dataclass(kw_only=True)
+class HeldTransaction(transactions.HeldTransaction):
     """A PostgreSQL transaction open on a connection taken out of the pool for its lifetime."""
 
-    ns: str
     conn: Conn
-    timeout: float
-    deadline: float = 0.0
-    #: one RPC at a time on the connection, and no reaping while one runs
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    #: set once a statement failed: the database transaction is dead, Commit must fail
-    failure: PrismError | None = None
-
-    def touch(self) -> None:
-        self.deadline = time.monotonic() + self.timeout
 
 
 class PostgresKeyValue:
@@ -132,8 +115,9 @@ class PostgresKeyValue:
 
     def __init__(self, db: Database, *, max_transactions: int) -> None:
         self.db = db
-        self.max_transactions = max_transactions
-        self.transactions: dict[str, HeldTransaction] = {}
+        self.transactions = transactions.HeldTransactions[HeldTransaction](
+            self._release, max_open=max_transactions, backend="postgres"
+        )
 
     async def _run(self, ctx: CallContext, job: Callable[[Conn], Awaitable[T]]) -> T:
         async with self.db.connection(ctx) as conn:
@@ -473,38 +457,17 @@ class PostgresKeyValue:
 
     # -- transactional -----------------------------------------------------------------------
 
-    def _transaction(self, transaction_id: str, ctx: CallContext) -> HeldTransaction:
-        txn = self.transactions.get(transaction_id)
-        if txn is None or txn.ns != ctx.namespace or txn.deadline <= time.monotonic():
-            raise NotFound(
-                f"transaction {transaction_id!r} not found (unknown, finished or timed out)",
-                reason="TRANSACTION_NOT_FOUND",
-                transaction_id=transaction_id,
-            )
-        return txn
-
-    async def _finish(self, transaction_id: str, txn: HeldTransaction) -> None:
-        """Forget a transaction and hand its connection back (the pool rolls back whatever is
-        still open on it, or discards it if it is broken)."""
-        if self.transactions.get(transaction_id) is txn:
-            del self.transactions[transaction_id]
+    async def _release(self, txn: HeldTransaction) -> None:
+        """Hand the connection back: the pool rolls back whatever is still open on it, or
+        discards it if it is broken."""
         await self.db.release(txn.conn)
 
     async def purge_idle_transactions(self) -> int:
         """Roll back transactions idle past their timeout; called by the sweeper."""
-        now = time.monotonic()
-        idle = [
-            (tid, txn)
-            for tid, txn in self.transactions.items()
-            if txn.deadline <= now and not txn.lock.locked()
-        ]
-        for tid, txn in idle:
-            await self._finish(tid, txn)
-        return len(idle)
+        return await self.transactions.reap()
 
     async def close(self) -> None:
-        for tid, txn in list(self.transactions.items()):
-            await self._finish(tid, txn)
+        await self.transactions.close()
 
     async def _in_transaction(
         self,
@@ -515,52 +478,25 @@ class PostgresKeyValue:
         finish: bool = False,
         on_conflict: T | None = None,
     ) -> T:
-        """Run `job` on the transaction's connection, one call at a time. A failing statement
-        kills the database transaction, so the failure is remembered and every later call,
-        Commit included, reports it. A write given `on_conflict` answers that instead of
-        TRANSACTION_CONFLICT: the contract reports conflicts at Commit, which will fail.
-        `finish` ends the transaction afterwards, whatever happened."""
-        txn = self._transaction(transaction_id, ctx)
-        async with txn.lock:
-            self._transaction(transaction_id, ctx)  # not reaped while we waited for the lock
+        """Run `job` on the transaction's connection (see HeldTransactions.run)."""
+
+        async def attempt(txn: HeldTransaction) -> T:
+            timeout = ctx.timeout(self.db.op_timeout)
             try:
-                if txn.failure is not None:
-                    raise txn.failure
-                timeout = ctx.timeout(self.db.op_timeout)
-                try:
-                    async with asyncio.timeout(timeout):
-                        result = await job(txn.conn)
-                except (psycopg.Error, TimeoutError) as exc:
-                    try:
-                        translate(exc, timeout)
-                    except PrismError as err:
-                        txn.failure = err
-                        if on_conflict is not None and err.reason == "TRANSACTION_CONFLICT":
-                            return on_conflict
-                        raise
-                txn.touch()
-                return result
-            finally:
-                if finish:
-                    await self._finish(transaction_id, txn)
+                async with asyncio.timeout(timeout):
+                    return await job(txn.conn)
+            except (psycopg.Error, TimeoutError) as exc:
+                translate(exc, timeout)
+
+        return await self.transactions.run(
+            transaction_id, ctx, attempt, finish=finish, on_conflict=on_conflict
+        )
 
     async def begin_transaction(
         self, request: tx_pb.BeginTransactionRequest, ctx: CallContext
     ) -> tx_pb.BeginTransactionResponse:
-        timeout = DEFAULT_TX_TIMEOUT
-        if request.HasField("timeout"):
-            seconds = request.timeout.seconds + request.timeout.nanos / 1e9
-            if seconds < 0:
-                raise InvalidArgument("timeout", "must not be negative")
-            if seconds > MAX_TX_TIMEOUT:
-                raise InvalidArgument("timeout", "must be at most 5 minutes")
-            if seconds > 0:
-                timeout = seconds
-        if len(self.transactions) >= self.max_transactions:
-            raise ResourceExhausted(
-                f"{self.max_transactions} transactions are already open (max_transactions)",
-                backend="postgres",
-            )
+        timeout = transactions.begin_timeout(request)
+        self.transactions.check_capacity()
         call_timeout = ctx.timeout(self.db.op_timeout)
         conn = await self.db.dedicated(call_timeout)
         try:
@@ -574,11 +510,8 @@ class PostgresKeyValue:
         except (psycopg.Error, TimeoutError) as exc:
             await self.db.release(conn)
             translate(exc, call_timeout)
-        transaction_id = secrets.token_urlsafe(18)
         txn = HeldTransaction(ns=ctx.namespace, conn=conn, timeout=timeout)
-        txn.touch()
-        self.transactions[transaction_id] = txn
-        return tx_pb.BeginTransactionResponse(transaction_id=transaction_id)
+        return tx_pb.BeginTransactionResponse(transaction_id=self.transactions.add(txn))
 
     async def set_in_transaction(
         self, request: tx_pb.SetInTransactionRequest, ctx: CallContext
@@ -622,8 +555,5 @@ class PostgresKeyValue:
     async def rollback(
         self, request: tx_pb.RollbackRequest, ctx: CallContext
     ) -> tx_pb.RollbackResponse:
-        txn = self._transaction(request.transaction_id, ctx)
-        async with txn.lock:
-            self._transaction(request.transaction_id, ctx)
-            await self._finish(request.transaction_id, txn)
+        await self.transactions.rollback(request.transaction_id, ctx)
         return tx_pb.RollbackResponse()
