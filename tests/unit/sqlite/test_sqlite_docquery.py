@@ -215,7 +215,11 @@ async def test_equality_on_an_indexed_path_searches_the_index(plugin: SqlitePlug
             assert searches == [kind_search + " AND <expr>=?)", kind_search + ")"], steps
             assert not any(s.startswith("SCAN docs") for s in steps), steps
         # a path no index leads, or a long $in, is still answered, by reading the collection
-        for flt in ({"tags": "x"}, {"lineage": {"$in": [f"l{i}" for i in range(1000)]}}):
+        unindexed: list[dict[str, Any]] = [
+            {"tags": "x"},
+            {"lineage": {"$in": [f"l{i}" for i in range(1000)]}},
+        ]
+        for flt in unindexed:
             steps = plan(conn, flt)
             assert not any(s.startswith("SEARCH docs USING INTEGER") for s in steps), steps
         many = {"lineage": {"$in": [f"l{i}" for i in range(1000, 3000)] + ["l3"]}}
