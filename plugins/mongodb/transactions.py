@@ -8,16 +8,13 @@ at Commit (ABORTED, TRANSACTION_CONFLICT). Only deployments with transactions (r
 SecantusDB) can serve this; the plugin probes at start and refuses the calls otherwise. Note
 MongoDB's own rule that a plain write to a key an open transaction has written waits for that
 transaction to end: such a write can run into its deadline (UNAVAILABLE) while the transaction
-stays open. Idle transactions are aborted by `reap()` (and are unknown afterwards).
+stays open. A transaction idle past its timeout is unknown (NOT_FOUND) and `reap()` aborts it.
 """
 
 from __future__ import annotations
 
-import asyncio
-import secrets
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 from prism.interfaces.keyvalue.v1 import keyvalue_transactional_pb2 as tx_pb
@@ -27,38 +24,23 @@ from pymongo.read_concern import ReadConcern
 
 from plugins.mongodb.connection import translate
 from plugins.mongodb.keyvalue import MongoKeyValue, is_live, now
-from plugins.runtime import validation
+from plugins.runtime import transactions, validation
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import (
     Aborted,
     FailedPrecondition,
-    InvalidArgument,
-    NotFound,
     PrismError,
-    ResourceExhausted,
 )
 
 T = TypeVar("T")
 
-DEFAULT_TIMEOUT = 30.0
-MAX_TIMEOUT = 300.0
 #: WriteConflict, NoSuchTransaction (the server aborted it), TransactionExceededLifetimeLimit
 _CONFLICT_CODES = frozenset({112, 251, 290})
 
 
-@dataclass
-class HeldTransaction:
-    ns: str
+@dataclass(kw_only=True)
+class HeldTransaction(transactions.HeldTransaction):
     session: AsyncClientSession
-    timeout: float
-    deadline: float = 0.0
-    #: one RPC at a time on the session, and no reaping while one runs
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    #: set once an operation failed: the server transaction is dead, Commit must fail
-    failure: PrismError | None = None
-
-    def touch(self) -> None:
-        self.deadline = time.monotonic() + self.timeout
 
 
 def _conflict(exc: PyMongoError) -> bool:
@@ -73,23 +55,12 @@ class MongoTransactions:
     def __init__(self, keyvalue: MongoKeyValue, *, max_transactions: int) -> None:
         self.keyvalue = keyvalue
         self.mongo = keyvalue.mongo
-        self.max_transactions = max_transactions
-        self.transactions: dict[str, HeldTransaction] = {}
+        self.transactions = transactions.HeldTransactions[HeldTransaction](
+            self._release, max_open=max_transactions, backend="mongodb"
+        )
 
-    def _transaction(self, transaction_id: str, ctx: CallContext) -> HeldTransaction:
-        txn = self.transactions.get(transaction_id)
-        if txn is None or txn.ns != ctx.namespace:
-            raise NotFound(
-                f"transaction {transaction_id!r} not found (unknown, finished or timed out)",
-                reason="TRANSACTION_NOT_FOUND",
-                transaction_id=transaction_id,
-            )
-        return txn
-
-    async def _finish(self, transaction_id: str, txn: HeldTransaction) -> None:
-        """Forget a transaction; ending its session aborts whatever is still open on it."""
-        if self.transactions.get(transaction_id) is txn:
-            del self.transactions[transaction_id]
+    async def _release(self, txn: HeldTransaction) -> None:
+        """End the session, which aborts whatever is still open on it."""
         try:
             async with self.mongo.call(None):
                 await txn.session.end_session()
@@ -98,19 +69,10 @@ class MongoTransactions:
 
     async def reap(self) -> int:
         """Abort transactions idle past their timeout; returns how many."""
-        at = time.monotonic()
-        idle = [
-            (tid, txn)
-            for tid, txn in self.transactions.items()
-            if txn.deadline <= at and not txn.lock.locked()
-        ]
-        for tid, txn in idle:
-            await self._finish(tid, txn)
-        return len(idle)
+        return await self.transactions.reap()
 
     async def close(self) -> None:
-        for tid, txn in list(self.transactions.items()):
-            await self._finish(tid, txn)
+        await self.transactions.close()
 
     async def _in_transaction(
         self,
@@ -121,72 +83,42 @@ class MongoTransactions:
         finish: bool = False,
         on_conflict: T | None = None,
     ) -> T:
-        """Run `job` in the transaction, one call at a time. A failed operation kills the
-        server transaction, so the failure is remembered and every later call, Commit included,
-        reports it; a write given `on_conflict` answers that instead of TRANSACTION_CONFLICT
-        (the contract reports conflicts at Commit). `finish` ends the transaction afterwards."""
-        txn = self._transaction(transaction_id, ctx)
-        async with txn.lock:
-            self._transaction(transaction_id, ctx)  # not reaped while we waited for the lock
-            try:
-                if txn.failure is not None:
-                    raise txn.failure
+        """Run `job` in the transaction (see HeldTransactions.run); a write conflict is
+        TRANSACTION_CONFLICT, reported at Commit."""
+
+        async def attempt(txn: HeldTransaction) -> T:
+            async with self.mongo.call(ctx):
                 try:
-                    async with self.mongo.call(ctx):
-                        try:
-                            result = await job(txn.session)
-                        except PyMongoError as exc:
-                            if not _conflict(exc):
-                                raise
-                            txn.failure = Aborted(
-                                f"conflicting concurrent write ({exc}); retry the whole "
-                                "transaction",
-                                reason="TRANSACTION_CONFLICT",
-                            )
-                            if on_conflict is not None:
-                                return on_conflict
-                            raise txn.failure from exc
-                except PrismError as err:
-                    txn.failure = txn.failure or err
-                    raise
-                txn.touch()
-                return result
-            finally:
-                if finish:
-                    await self._finish(transaction_id, txn)
+                    return await job(txn.session)
+                except PyMongoError as exc:
+                    if not _conflict(exc):
+                        raise
+                    raise Aborted(
+                        f"conflicting concurrent write ({exc}); retry the whole transaction",
+                        reason="TRANSACTION_CONFLICT",
+                    ) from exc
+
+        return await self.transactions.run(
+            transaction_id, ctx, attempt, finish=finish, on_conflict=on_conflict
+        )
 
     async def begin_transaction(
         self, request: tx_pb.BeginTransactionRequest, ctx: CallContext
     ) -> tx_pb.BeginTransactionResponse:
-        timeout = DEFAULT_TIMEOUT
-        if request.HasField("timeout"):
-            seconds = request.timeout.seconds + request.timeout.nanos / 1e9
-            if seconds < 0:
-                raise InvalidArgument("timeout", "must not be negative")
-            if seconds > MAX_TIMEOUT:
-                raise InvalidArgument("timeout", "must be at most 5 minutes")
-            if seconds > 0:
-                timeout = seconds
+        timeout = transactions.begin_timeout(request)
         if not self.keyvalue.transactions:
             raise FailedPrecondition(
                 "this MongoDB deployment does not support transactions", backend="mongodb"
             )
-        if len(self.transactions) >= self.max_transactions:
-            raise ResourceExhausted(
-                f"{self.max_transactions} transactions are already open (max_transactions)",
-                backend="mongodb",
-            )
+        self.transactions.check_capacity()
         session = self.mongo.client.start_session()
         try:
             await session.start_transaction(read_concern=ReadConcern("snapshot"))
         except PyMongoError as exc:
             await session.end_session()
             translate(exc, ctx.timeout(self.mongo.settings.timeout))
-        transaction_id = secrets.token_urlsafe(18)
         txn = HeldTransaction(ns=ctx.namespace, session=session, timeout=timeout)
-        txn.touch()
-        self.transactions[transaction_id] = txn
-        return tx_pb.BeginTransactionResponse(transaction_id=transaction_id)
+        return tx_pb.BeginTransactionResponse(transaction_id=self.transactions.add(txn))
 
     async def set_in_transaction(
         self, request: tx_pb.SetInTransactionRequest, ctx: CallContext
@@ -245,7 +177,5 @@ class MongoTransactions:
     async def rollback(
         self, request: tx_pb.RollbackRequest, ctx: CallContext
     ) -> tx_pb.RollbackResponse:
-        txn = self._transaction(request.transaction_id, ctx)
-        async with txn.lock:
-            await self._finish(request.transaction_id, txn)
+        await self.transactions.rollback(request.transaction_id, ctx)
         return tx_pb.RollbackResponse()
