@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import bisect
 import heapq
-import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,10 +34,9 @@ from prism.interfaces.keyvalue.v1 import (
 
 from plugins.runtime import validation
 from plugins.runtime.context import CallContext
-from plugins.runtime.errors import Aborted, AlreadyExists, InvalidArgument, NotFound
+from plugins.runtime.errors import Aborted, AlreadyExists, InvalidArgument
+from plugins.runtime.transactions import OpenTransaction, TransactionTable, begin_timeout, conflict
 
-DEFAULT_TXN_TIMEOUT = 30.0
-MAX_TXN_TIMEOUT = 300.0
 _SCAN_TOKEN_KIND = "memstore.kv.scan"
 
 
@@ -87,11 +85,8 @@ class _Space:
             yield k
 
 
-@dataclass(slots=True)
-class _Transaction:
-    namespace: str
-    timeout: float
-    last_used: float
+@dataclass(kw_only=True)
+class _Transaction(OpenTransaction):
     # key → revision first observed (0 = missing); checked again at commit
     observed: dict[str, int] = field(default_factory=dict)
     # key → last buffered value, None for a delete (keys are independent, so applying only the
@@ -113,7 +108,7 @@ class KeyValueStore:
         self._revision = 0
         # (expires_at, namespace, key): lazily invalidated; the sweeper pops due items
         self._expiry_heap: list[tuple[float, str, str]] = []
-        self.transactions: dict[str, _Transaction] = {}
+        self.transactions = TransactionTable[_Transaction]()
 
     # primitives ---------------------------------------------------------------------------
     def space(self, namespace: str) -> _Space:
@@ -177,18 +172,13 @@ class KeyValueStore:
             if sp is not None and entry is not None and not entry.live(now):
                 sp.remove(key)
                 freed += 1
-        for tid in [t for t, tx in self.transactions.items() if _idle(tx, now)]:
-            del self.transactions[tid]
+        self.transactions.purge()
         return freed
 
     def entry_count(self, namespace: str) -> int:
         """Entries held in memory, expired or not (what the sweeper frees)."""
         sp = self._spaces.get(namespace)
         return 0 if sp is None else len(sp.entries)
-
-
-def _idle(tx: _Transaction, now: float) -> bool:
-    return now - tx.last_used > tx.timeout
 
 
 class MemstoreKeyValue:
@@ -361,45 +351,27 @@ class MemstoreKeyValue:
     def _txn(self, transaction_id: str, ctx: CallContext) -> _Transaction:
         if not transaction_id:
             raise InvalidArgument("transaction_id", "must not be empty")
-        tx = self._s.transactions.get(transaction_id)
-        now = time.monotonic()
-        if tx is not None and _idle(tx, now):
-            del self._s.transactions[transaction_id]
-            tx = None
-        if tx is None or tx.namespace != ctx.namespace:
-            raise NotFound(
-                "transaction not found (unknown, finished or timed out)",
-                reason="TRANSACTION_NOT_FOUND",
-                transaction_id=transaction_id,
-            )
-        tx.last_used = now
+        tx = self._s.transactions.find(transaction_id, ctx)
+        tx.touch()
         return tx
 
     def _observe(self, tx: _Transaction, key: str) -> None:
         if key not in tx.observed:
-            tx.observed[key] = self._s.current_revision(tx.namespace, key)
+            tx.observed[key] = self._s.current_revision(tx.ns, key)
 
     def _txn_read(self, tx: _Transaction, key: str) -> bytes | None:
         """The key's value as the transaction sees it: its own writes first, then the store."""
         self._observe(tx, key)
         if key in tx.writes:
             return tx.writes[key]
-        entry = self._s.live(tx.namespace, key)
+        entry = self._s.live(tx.ns, key)
         return None if entry is None else entry.value
 
     async def begin_transaction(
         self, request: txn.BeginTransactionRequest, ctx: CallContext
     ) -> txn.BeginTransactionResponse:
-        timeout = DEFAULT_TXN_TIMEOUT
-        if request.HasField("timeout"):
-            timeout = request.timeout.seconds + request.timeout.nanos / 1e9
-            if timeout < 0:
-                raise InvalidArgument("timeout", "must not be negative")
-            if timeout > MAX_TXN_TIMEOUT:
-                raise InvalidArgument("timeout", "must be at most 5 minutes")
-            timeout = timeout or DEFAULT_TXN_TIMEOUT
-        tid = secrets.token_urlsafe(16)
-        self._s.transactions[tid] = _Transaction(ctx.namespace, timeout, time.monotonic())
+        tx = _Transaction(ns=ctx.namespace, timeout=begin_timeout(request))
+        tid = self._s.transactions.add(tx)
         return txn.BeginTransactionResponse(transaction_id=tid)
 
     async def set_in_transaction(
@@ -432,28 +404,22 @@ class MemstoreKeyValue:
 
     async def commit(self, request: txn.CommitRequest, ctx: CallContext) -> txn.CommitResponse:
         tx = self._txn(request.transaction_id, ctx)
-        del self._s.transactions[request.transaction_id]
-        changed = [
-            k for k, rev in tx.observed.items() if self._s.current_revision(tx.namespace, k) != rev
-        ]
+        self._s.transactions.discard(request.transaction_id, tx)
+        changed = [k for k, rev in tx.observed.items() if self._s.current_revision(tx.ns, k) != rev]
         if changed:
-            raise Aborted(
-                "a key the transaction used was changed by another writer; retry the transaction",
-                reason="TRANSACTION_CONFLICT",
-                key=changed[0],
-            )
+            raise conflict(changed[0])
         for key, value in tx.writes.items():
             if value is None:
-                self._s.remove(tx.namespace, key)
+                self._s.remove(tx.ns, key)
             else:
-                self._s.write(tx.namespace, key, value)
+                self._s.write(tx.ns, key, value)
         return txn.CommitResponse()
 
     async def rollback(
         self, request: txn.RollbackRequest, ctx: CallContext
     ) -> txn.RollbackResponse:
-        self._txn(request.transaction_id, ctx)
-        del self._s.transactions[request.transaction_id]
+        tx = self._txn(request.transaction_id, ctx)
+        self._s.transactions.discard(request.transaction_id, tx)
         return txn.RollbackResponse()
 
 
