@@ -3,6 +3,12 @@ with JSON1; filters translated to SQL by docquery.py; words in the FTS5 table `d
 
 Value indexes are real SQLite expression indexes over json_extract, partial to one namespace and
 collection, so a unique index is enforced by SQLite itself inside the writing transaction.
+
+A query is one SELECT (`select_statement`) whose rows come from an index when one applies: the
+FTS5 match for a search, else a non-unique value index led by a field the filter tests (so
+Find/Count by an indexed field stay flat as the collection grows); otherwise it reads the
+collection. Search ranks only those candidates (BM25 averages over them, which the contract
+leaves to the backend), never the whole collection.
 """
 
 from __future__ import annotations
