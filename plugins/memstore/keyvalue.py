@@ -34,7 +34,8 @@ from prism.interfaces.keyvalue.v1 import (
 
 from plugins.runtime import validation
 from plugins.runtime.context import CallContext
-from plugins.runtime.errors import Aborted, AlreadyExists, InvalidArgument
+from plugins.runtime.errors import InvalidArgument
+from plugins.runtime.keyvalue import key_exists, revision_mismatch
 from plugins.runtime.transactions import OpenTransaction, TransactionTable, begin_timeout, conflict
 
 _SCAN_TOKEN_KIND = "memstore.kv.scan"
@@ -212,9 +213,7 @@ class MemstoreKeyValue:
         self, ctx: CallContext, prefix: str, page_size: int, page_token: str
     ) -> tuple[list[tuple[str, _Entry]], str]:
         size = validation.page_size(page_size)
-        after = validation.decode_page_token(page_token, _SCAN_TOKEN_KIND, prefix)
-        if after is not None and not isinstance(after, str):
-            raise InvalidArgument("page_token", "malformed page token")
+        after = validation.scan_after(page_token, _SCAN_TOKEN_KIND, prefix)
         sp = self._s.space(ctx.namespace)
         now = time.monotonic()
         page: list[tuple[str, _Entry]] = []
@@ -281,19 +280,11 @@ class MemstoreKeyValue:
     async def batch_set(
         self, request: batch.BatchSetRequest, ctx: CallContext
     ) -> batch.BatchSetResponse:
-        if not request.entries:
-            raise InvalidArgument("entries", "must not be empty")
-        if len(request.entries) > validation.MAX_BATCH:
-            raise InvalidArgument("entries", f"more than {validation.MAX_BATCH} entries")
-        for i, e in enumerate(request.entries):
-            validation.key(e.key, f"entries[{i}].key")
-            validation.value(e.value, f"entries[{i}].value")
+        entries = validation.batch_entries(request.entries)
         return batch.BatchSetResponse(
             results=[
-                batch.BatchSetResult(
-                    key=e.key, revision=self._s.write(ctx.namespace, e.key, e.value)
-                )
-                for e in request.entries
+                batch.BatchSetResult(key=k, revision=self._s.write(ctx.namespace, k, v))
+                for k, v in entries
             ]
         )
 
@@ -331,8 +322,8 @@ class MemstoreKeyValue:
         current = self._s.current_revision(ctx.namespace, key)
         if current != request.expected_revision:
             if request.expected_revision == 0:
-                raise AlreadyExists(f"key {key!r} already exists", reason="KEY_EXISTS", key=key)
-            raise _mismatch(key, current)
+                raise key_exists(key)
+            raise revision_mismatch(key, request.expected_revision, current)
         return cas.CompareAndSwapResponse(revision=self._s.write(ctx.namespace, key, value))
 
     async def compare_and_delete(
@@ -343,7 +334,7 @@ class MemstoreKeyValue:
             raise InvalidArgument("expected_revision", "must be positive")
         current = self._s.current_revision(ctx.namespace, key)
         if current != request.expected_revision:
-            raise _mismatch(key, current)
+            raise revision_mismatch(key, request.expected_revision, current)
         self._s.remove(ctx.namespace, key)
         return cas.CompareAndDeleteResponse()
 
@@ -421,12 +412,3 @@ class MemstoreKeyValue:
         tx = self._txn(request.transaction_id, ctx)
         self._s.transactions.discard(request.transaction_id, tx)
         return txn.RollbackResponse()
-
-
-def _mismatch(key: str, current: int) -> Aborted:
-    return Aborted(
-        f"revision mismatch for key {key!r} (current revision {current})",
-        reason="REVISION_MISMATCH",
-        key=key,
-        current_revision=current,
-    )

@@ -32,7 +32,8 @@ from pymongo.errors import DuplicateKeyError
 from plugins.mongodb.connection import Doc, Mongo
 from plugins.runtime import validation
 from plugins.runtime.context import CallContext
-from plugins.runtime.errors import Aborted, AlreadyExists, InvalidArgument
+from plugins.runtime.errors import InvalidArgument
+from plugins.runtime.keyvalue import key_exists, revision_mismatch
 
 REVISION_COUNTER = "kv_revision"
 REVISION_BLOCK = 1000
@@ -81,15 +82,6 @@ def prefix_range(ns: str, prefix: str) -> Doc:
     if upper is not None:
         bounds["$lt"] = upper
     return bounds
-
-
-def _mismatch(key: str, expected: int, current: int) -> Aborted:
-    return Aborted(
-        f"revision of {key!r} is {current}, not {expected}",
-        reason="REVISION_MISMATCH",
-        key=key,
-        current_revision=current,
-    )
 
 
 def _ttl_duration(remaining: dt.timedelta) -> Duration:
@@ -210,17 +202,7 @@ class MongoKeyValue:
     async def batch_set(
         self, request: batch_pb.BatchSetRequest, ctx: CallContext
     ) -> batch_pb.BatchSetResponse:
-        if not request.entries:
-            raise InvalidArgument("entries", "must not be empty")
-        if len(request.entries) > validation.MAX_BATCH:
-            raise InvalidArgument("entries", f"more than {validation.MAX_BATCH} entries")
-        entries = [
-            (
-                validation.key(e.key, f"entries[{i}].key"),
-                validation.value(e.value, f"entries[{i}].value"),
-            )
-            for i, e in enumerate(request.entries)
-        ]
+        entries = validation.batch_entries(request.entries)
         async with self.mongo.call(ctx):
             first = await self.revisions(len(entries)) - len(entries) + 1
         writes = [
@@ -307,15 +289,13 @@ class MongoKeyValue:
                         {"_id": self.entry_id(ctx, key), "x": {"$lte": at}}, entry, upsert=True
                     )
                 except DuplicateKeyError as exc:
-                    raise AlreadyExists(
-                        f"key {key!r} already exists", reason="KEY_EXISTS", key=key
-                    ) from exc
+                    raise key_exists(key) from exc
                 return cas_pb.CompareAndSwapResponse(revision=revision)
             result = await self.kv.replace_one(
                 {"_id": self.entry_id(ctx, key), "r": expected, **live(at)}, entry
             )
         if result.matched_count == 0:
-            raise _mismatch(key, expected, await self._current_revision(ctx, key))
+            raise revision_mismatch(key, expected, await self._current_revision(ctx, key))
         return cas_pb.CompareAndSwapResponse(revision=revision)
 
     async def compare_and_delete(
@@ -330,7 +310,7 @@ class MongoKeyValue:
                 {"_id": self.entry_id(ctx, key), "r": expected, **live(now())}
             )
         if result.deleted_count == 0:
-            raise _mismatch(key, expected, await self._current_revision(ctx, key))
+            raise revision_mismatch(key, expected, await self._current_revision(ctx, key))
         return cas_pb.CompareAndDeleteResponse()
 
     # -- scan --------------------------------------------------------------------------------
@@ -347,9 +327,7 @@ class MongoKeyValue:
     ) -> tuple[list[Doc], str]:
         """One keyset page of live entries with `prefix`, and the token for the next one."""
         size = validation.page_size(page_size)
-        after = validation.decode_page_token(page_token, kind, prefix)
-        if after is not None and not isinstance(after, str):
-            raise InvalidArgument("page_token", "malformed page token")
+        after = validation.scan_after(page_token, kind, prefix)
         bounds = prefix_range(ctx.namespace, prefix)
         if after is not None:  # the token's key has the prefix (its scope is the prefix)
             del bounds["$gte"]

@@ -29,10 +29,9 @@ from plugins.postgres.db import Conn, Database, translate
 from plugins.runtime import transactions, validation
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import (
-    Aborted,
-    AlreadyExists,
     InvalidArgument,
 )
+from plugins.runtime.keyvalue import key_exists, revision_mismatch
 
 T = TypeVar("T")
 
@@ -92,15 +91,6 @@ def prefix_upper_bound(prefix: bytes) -> bytes | None:
         return None
     upper[-1] += 1
     return bytes(upper)
-
-
-def _mismatch(key: str, expected: int, current: int) -> Aborted:
-    return Aborted(
-        f"revision of {key!r} is {current}, not {expected}",
-        reason="REVISION_MISMATCH",
-        key=key,
-        current_revision=current,
-    )
 
 
 @dataclass(kw_only=True)
@@ -174,17 +164,7 @@ class PostgresKeyValue:
     async def batch_set(
         self, request: batch_pb.BatchSetRequest, ctx: CallContext
     ) -> batch_pb.BatchSetResponse:
-        if not request.entries:
-            raise InvalidArgument("entries", "must not be empty")
-        if len(request.entries) > validation.MAX_BATCH:
-            raise InvalidArgument("entries", f"more than {validation.MAX_BATCH} entries")
-        entries = [
-            (
-                validation.key(e.key, f"entries[{i}].key"),
-                validation.value(e.value, f"entries[{i}].value"),
-            )
-            for i, e in enumerate(request.entries)
-        ]
+        entries = validation.batch_entries(request.entries)
         rows = await self._pipelined(
             ctx, PUT, [(ctx.namespace, encode(k), v, None) for k, v in entries]
         )
@@ -264,9 +244,9 @@ class PostgresKeyValue:
         revision = await self._run(ctx, job)
         if revision is None:
             if expected == 0:
-                raise AlreadyExists(f"key {key!r} already exists", reason="KEY_EXISTS", key=key)
+                raise key_exists(key)
             current = await self._run(ctx, lambda c: current_revision(c, ctx.namespace, key))
-            raise _mismatch(key, expected, current)
+            raise revision_mismatch(key, expected, current)
         return cas_pb.CompareAndSwapResponse(revision=revision)
 
     async def compare_and_delete(
@@ -286,7 +266,7 @@ class PostgresKeyValue:
 
         if not await self._run(ctx, job):
             current = await self._run(ctx, lambda c: current_revision(c, ctx.namespace, key))
-            raise _mismatch(key, expected, current)
+            raise revision_mismatch(key, expected, current)
         return cas_pb.CompareAndDeleteResponse()
 
     # -- scan --------------------------------------------------------------------------------
@@ -317,9 +297,7 @@ class PostgresKeyValue:
     ) -> tuple[list[tuple[str, bytes, int]], str]:
         """One keyset page of live entries with `prefix`, and the token for the next one."""
         size = validation.page_size(page_size)
-        after = validation.decode_page_token(page_token, kind, prefix)
-        if after is not None and not isinstance(after, str):
-            raise InvalidArgument("page_token", "malformed page token")
+        after = validation.scan_after(page_token, kind, prefix)
         where, params = self._prefix_where(ctx.namespace, prefix)
         if after is not None:
             where.append(sql.SQL("key > %s"))

@@ -21,7 +21,8 @@ from plugins.redis.connection import RedisConnection
 from plugins.redis.keys import Keyspace, lex_range
 from plugins.runtime import validation
 from plugins.runtime.context import CallContext
-from plugins.runtime.errors import Aborted, AlreadyExists, InvalidArgument
+from plugins.runtime.errors import InvalidArgument
+from plugins.runtime.keyvalue import key_exists, revision_mismatch
 from plugins.runtime.transactions import (
     BufferedTransaction,
     OptimisticTransactions,
@@ -111,17 +112,7 @@ class RedisKeyValue(OptimisticTransactions):
     async def batch_set(
         self, request: batch_pb.BatchSetRequest, ctx: CallContext
     ) -> batch_pb.BatchSetResponse:
-        if not request.entries:
-            raise InvalidArgument("entries", "must not be empty")
-        if len(request.entries) > validation.MAX_BATCH:
-            raise InvalidArgument("entries", f"more than {validation.MAX_BATCH} entries")
-        entries = [
-            (
-                validation.key(e.key, f"entries[{i}].key"),
-                validation.value(e.value, f"entries[{i}].value"),
-            )
-            for i, e in enumerate(request.entries)
-        ]
+        entries = validation.batch_entries(request.entries)
         ks = self.space(ctx)
         args: list[bytes | str | int] = [self.default_ttl_ms]
         for k, v in entries:
@@ -199,8 +190,8 @@ class RedisKeyValue(OptimisticTransactions):
         )
         if not applied:
             if expected == 0:
-                raise AlreadyExists(f"key {key!r} already exists", reason="KEY_EXISTS", key=key)
-            raise _mismatch(key, expected, int(revision))
+                raise key_exists(key)
+            raise revision_mismatch(key, expected, int(revision))
         return cas_pb.CompareAndSwapResponse(revision=int(revision))
 
     async def compare_and_delete(
@@ -218,7 +209,7 @@ class RedisKeyValue(OptimisticTransactions):
             [key, expected],
         )
         if not applied:
-            raise _mismatch(key, expected, int(current))
+            raise revision_mismatch(key, expected, int(current))
         return cas_pb.CompareAndDeleteResponse()
 
     # -- scan --------------------------------------------------------------------------------
@@ -234,8 +225,8 @@ class RedisKeyValue(OptimisticTransactions):
     ) -> tuple[list[Any], str]:
         """One keyset page (flat script reply: key[, value, revision]...) and the next token."""
         size = validation.page_size(page_size)
-        after = validation.decode_page_token(page_token, kind, prefix)
-        if after is not None and not (isinstance(after, str) and after.startswith(prefix)):
+        after = validation.scan_after(page_token, kind, prefix)
+        if after is not None and not after.startswith(prefix):
             raise InvalidArgument("page_token", "malformed page token")
         low, high = lex_range(prefix, after)
         ks = self.space(ctx)
@@ -346,12 +337,3 @@ class RedisKeyValue(OptimisticTransactions):
         )
         if not reply[0]:
             raise conflict(reply[1].decode("utf-8"))
-
-
-def _mismatch(key: str, expected: int, current: int) -> Aborted:
-    return Aborted(
-        f"revision of {key!r} is {current}, not {expected}",
-        reason="REVISION_MISMATCH",
-        key=key,
-        current_revision=current,
-    )

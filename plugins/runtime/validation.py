@@ -7,7 +7,7 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
@@ -45,6 +45,18 @@ def keys(values: Iterable[str], field: str = "keys") -> list[str]:
     for i, k in enumerate(result):
         key(k, f"{field}[{i}]")
     return result
+
+
+def batch_entries(entries: Sequence[Any], field: str = "entries") -> list[tuple[str, bytes]]:
+    """(key, value) of every entry of a BatchSet, 1 to MAX_BATCH of them."""
+    if not entries:
+        raise InvalidArgument(field, "must not be empty")
+    if len(entries) > MAX_BATCH:
+        raise InvalidArgument(field, f"more than {MAX_BATCH} entries")
+    return [
+        (key(e.key, f"{field}[{i}].key"), value(e.value, f"{field}[{i}].value"))
+        for i, e in enumerate(entries)
+    ]
 
 
 def page_size(size: int, field: str = "page_size") -> int:
@@ -89,6 +101,14 @@ def decode_page_token(token: str, kind: str, scope: str, field: str = "page_toke
     if data.get("s") != scope:
         raise InvalidArgument(field, "page token belongs to a different request")
     return data["p"]
+
+
+def scan_after(token: str, kind: str, prefix: str, field: str = "page_token") -> str | None:
+    """The last key a key scan returned before `token` (None: first page)."""
+    after = decode_page_token(token, kind, prefix, field)
+    if after is not None and not isinstance(after, str):
+        raise InvalidArgument(field, "malformed page token")
+    return after
 
 
 # Documents (proto/prism/interfaces/document/v1/document_basic.proto states these rules) -------
