@@ -16,7 +16,7 @@ from prism.interfaces.document.v1 import document_indexing_pb2 as indexing
 from prism.interfaces.document.v1 import document_query_pb2 as query
 from prism.interfaces.document.v1 import document_search_pb2 as search
 
-from plugins.runtime import docfilter, textsearch, validation
+from plugins.runtime import docfilter, docpages, textsearch, validation
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import (
     Aborted,
@@ -26,13 +26,6 @@ from plugins.runtime.errors import (
     NotFound,
 )
 
-_ACCUMULATOR_OPS = {
-    query.ACCUMULATOR_OP_COUNT: "count",
-    query.ACCUMULATOR_OP_SUM: "sum",
-    query.ACCUMULATOR_OP_MIN: "min",
-    query.ACCUMULATOR_OP_MAX: "max",
-    query.ACCUMULATOR_OP_AVG: "avg",
-}
 _INDEX_KINDS = {indexing.INDEX_KIND_VALUE: "value", indexing.INDEX_KIND_TEXT: "text"}
 _INDEX_KIND_ENUMS = {v: k for k, v in _INDEX_KINDS.items()}
 
@@ -261,30 +254,9 @@ class MemstoreDocuments:
     ) -> query.AggregateResponse:
         coll = self._collection(ctx, request.collection)
         node = docfilter.parse_filter(request.filter)
-        spec = docfilter.parse_aggregate(
-            request.group_by,
-            request.unwind,
-            [(_ACCUMULATOR_OPS.get(a.op), a.field) for a in request.accumulators],
-        )
-        size = validation.page_size(request.page_size)
-        scope = docfilter.token_scope(request.collection, request.filter, spec.canonical())
-        position = validation.decode_page_token(request.page_token, "document.aggregate", scope)
-        groups = docfilter.aggregate((d.body for _, d in self._matching(coll, node)), spec)
-        if position is not None:
-            groups = [g for g in groups if docfilter.group_after(g[0], position)]
-        page = groups[:size]
-        token = ""
-        if len(groups) > size:
-            token = validation.encode_page_token(
-                "document.aggregate", scope, docfilter.group_position(page[-1][0])
-            )
-        return query.AggregateResponse(
-            groups=[
-                query.AggregateGroup(key_json=g.key_json, count=g.count, values_json=values)
-                for g, values in page
-            ],
-            next_page_token=token,
-        )
+        paging = docpages.AggregatePaging.parse(request, request.collection, "document.aggregate")
+        bodies = (d.body for _, d in self._matching(coll, node))
+        return paging.page(docfilter.aggregate(bodies, paging.spec))
 
     # document_indexing --------------------------------------------------------------------
     async def create_index(
@@ -347,11 +319,7 @@ class MemstoreDocuments:
     ) -> indexing.ListIndexesResponse:
         coll = self._collection(ctx, request.collection)
         size = validation.page_size(request.page_size)
-        after = validation.decode_page_token(
-            request.page_token, "document.indexes", request.collection
-        )
-        if after is not None and not isinstance(after, str):
-            raise InvalidArgument("page_token", "malformed page token")
+        after = validation.scan_after(request.page_token, "document.indexes", request.collection)
         names = sorted(n for n in coll.indexes if after is None or n > after)
         page = names[:size]
         token = ""

@@ -34,7 +34,7 @@ from pymongo.errors import DuplicateKeyError, OperationFailure
 
 from plugins.mongodb import docquery
 from plugins.mongodb.connection import Doc, Mongo
-from plugins.runtime import docfilter, textsearch, validation
+from plugins.runtime import docfilter, docpages, textsearch, validation
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import (
     Aborted,
@@ -44,13 +44,6 @@ from plugins.runtime.errors import (
     NotFound,
 )
 
-_ACCUMULATOR_OPS = {
-    query.ACCUMULATOR_OP_COUNT: "count",
-    query.ACCUMULATOR_OP_SUM: "sum",
-    query.ACCUMULATOR_OP_MIN: "min",
-    query.ACCUMULATOR_OP_MAX: "max",
-    query.ACCUMULATOR_OP_AVG: "avg",
-}
 _INDEX_KINDS = {indexing.INDEX_KIND_VALUE: "value", indexing.INDEX_KIND_TEXT: "text"}
 _INDEX_KIND_ENUMS = {v: k for k, v in _INDEX_KINDS.items()}
 _SAFE_NS = re.compile(r"[a-z0-9-]")
@@ -364,34 +357,13 @@ class MongoDocuments:
     ) -> query.AggregateResponse:
         coll = self._coll(ctx, request.collection)
         node = docfilter.parse_filter(request.filter)
-        spec = docfilter.parse_aggregate(
-            request.group_by,
-            request.unwind,
-            [(_ACCUMULATOR_OPS.get(a.op), a.field) for a in request.accumulators],
-        )
-        size = validation.page_size(request.page_size)
-        scope = docfilter.token_scope(request.collection, request.filter, spec.canonical())
-        position = validation.decode_page_token(request.page_token, "mongodb.aggregate", scope)
+        paging = docpages.AggregatePaging.parse(request, request.collection, "mongodb.aggregate")
+        spec = paging.spec
         paths = [p for _, p in spec.accumulators]
         if spec.group_by is not None:
             paths.append(spec.group_by)
         rows = await self._fetch(coll, ctx, docquery.translate(node), paths)
-        groups = docfilter.aggregate((_body(d) for d in rows), spec)
-        if position is not None:
-            groups = [g for g in groups if docfilter.group_after(g[0], position)]
-        page = groups[:size]
-        token = ""
-        if len(groups) > size:
-            token = validation.encode_page_token(
-                "mongodb.aggregate", scope, docfilter.group_position(page[-1][0])
-            )
-        return query.AggregateResponse(
-            groups=[
-                query.AggregateGroup(key_json=g.key_json, count=g.count, values_json=values)
-                for g, values in page
-            ],
-            next_page_token=token,
-        )
+        return paging.page(docfilter.aggregate((_body(d) for d in rows), spec))
 
     # document_indexing --------------------------------------------------------------------
     def _index_id(self, ctx: CallContext, collection: str, name: str) -> str:
@@ -554,11 +526,7 @@ class MongoDocuments:
     ) -> indexing.ListIndexesResponse:
         validation.collection(request.collection)
         size = validation.page_size(request.page_size)
-        after = validation.decode_page_token(
-            request.page_token, "mongodb.indexes", request.collection
-        )
-        if after is not None and not isinstance(after, str):
-            raise InvalidArgument("page_token", "malformed page token")
+        after = validation.scan_after(request.page_token, "mongodb.indexes", request.collection)
         selector: Doc = {"ns": ctx.namespace, "c": request.collection}
         if after is not None:
             selector["name"] = {"$gt": after}

@@ -28,7 +28,7 @@ from psycopg import errors, sql
 
 from plugins.postgres.db import Conn, Database
 from plugins.postgres.docquery import Sql
-from plugins.runtime import docfilter, textsearch, validation
+from plugins.runtime import docfilter, docpages, textsearch, validation
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import (
     Aborted,
@@ -40,13 +40,6 @@ from plugins.runtime.errors import (
 
 DOC_COLUMNS = "id, body::text, revision, create_time, update_time"
 Row = tuple[Any, ...]
-ACCUMULATOR_NAMES = {
-    query_pb.ACCUMULATOR_OP_COUNT: "count",
-    query_pb.ACCUMULATOR_OP_SUM: "sum",
-    query_pb.ACCUMULATOR_OP_MIN: "min",
-    query_pb.ACCUMULATOR_OP_MAX: "max",
-    query_pb.ACCUMULATOR_OP_AVG: "avg",
-}
 _KINDS = {index_pb.INDEX_KIND_VALUE: "value", index_pb.INDEX_KIND_TEXT: "text"}
 
 
@@ -342,14 +335,8 @@ class PostgresDocuments:
         accumulator rules are the same on every backend."""
         collection = validation.collection(request.collection)
         node = docfilter.parse_filter(request.filter)
-        spec = docfilter.parse_aggregate(
-            request.group_by,
-            request.unwind,
-            [(ACCUMULATOR_NAMES.get(a.op), a.field) for a in request.accumulators],
-        )
-        size = validation.page_size(request.page_size)
-        scope = docfilter.token_scope(collection, request.filter, spec.canonical())
-        position = validation.decode_page_token(request.page_token, "postgres.aggregate", scope)
+        paging = docpages.AggregatePaging.parse(request, collection, "postgres.aggregate")
+        spec = paging.spec
         paths = [p for p in [spec.group_by] if p is not None]
         paths += [path for _, path in spec.accumulators]
 
@@ -363,21 +350,7 @@ class PostgresDocuments:
             ((v[0] if first else None, v[first:]) for v in (json.loads(r[0]) for r in rows)),
             spec,
         )
-        if position is not None:
-            groups = [(g, v) for g, v in groups if docfilter.group_after(g, position)]
-        token = ""
-        if len(groups) > size:
-            groups = groups[:size]
-            token = validation.encode_page_token(
-                "postgres.aggregate", scope, docfilter.group_position(groups[-1][0])
-            )
-        return query_pb.AggregateResponse(
-            groups=[
-                query_pb.AggregateGroup(key_json=g.key_json, count=g.count, values_json=values)
-                for g, values in groups
-            ],
-            next_page_token=token,
-        )
+        return paging.page(groups)
 
     # -- search ------------------------------------------------------------------------------
 
@@ -522,9 +495,7 @@ class PostgresDocuments:
     ) -> index_pb.ListIndexesResponse:
         collection = validation.collection(request.collection)
         size = validation.page_size(request.page_size)
-        after = validation.decode_page_token(request.page_token, "postgres.indexes", collection)
-        if after is not None and not isinstance(after, str):
-            raise InvalidArgument("page_token", "malformed page token")
+        after = validation.scan_after(request.page_token, "postgres.indexes", collection)
         async with self.db.connection(ctx) as conn:
             cur = await conn.execute(
                 "SELECT definition FROM prism_doc_indexes WHERE ns = %s AND collection = %s "

@@ -104,7 +104,7 @@ def decode_page_token(token: str, kind: str, scope: str, field: str = "page_toke
 
 
 def scan_after(token: str, kind: str, prefix: str, field: str = "page_token") -> str | None:
-    """The last key a key scan returned before `token` (None: first page)."""
+    """The last key (or name) the listing returned before `token` (None: first page)."""
     after = decode_page_token(token, kind, prefix, field)
     if after is not None and not isinstance(after, str):
         raise InvalidArgument(field, "malformed page token")

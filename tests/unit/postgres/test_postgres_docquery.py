@@ -14,9 +14,10 @@ from prism.interfaces.document.v1 import document_query_pb2 as query_pb
 from prism.interfaces.document.v1 import document_search_pb2 as search_pb
 
 from plugins.postgres import PostgresPlugin
-from plugins.postgres.document import ACCUMULATOR_NAMES, search_words
+from plugins.postgres.document import search_words
 from plugins.runtime import docfilter
 from plugins.runtime.context import CallContext
+from plugins.runtime.docpages import ACCUMULATOR_NAMES
 from tests.unit.sqlite.test_sqlite_docquery import PATHS, random_body, random_filter
 
 
