@@ -28,7 +28,8 @@ from prism.interfaces.queue.v1 import queue_visibility_pb2 as visibility
 
 from plugins.runtime import validation
 from plugins.runtime.context import CallContext
-from plugins.runtime.errors import FailedPrecondition, NotFound
+from plugins.runtime.errors import FailedPrecondition
+from plugins.runtime.queues import receipt_not_found
 
 DEFAULT_VISIBILITY = 30.0
 
@@ -96,15 +97,6 @@ class _Queue:
         if self.lease_expiries:
             waits.append(self.lease_expiries[0][0] - time.monotonic())
         return max(0.0, min(waits)) if waits else None
-
-
-def _handle_not_found(queue: str) -> NotFound:
-    return NotFound(
-        "receipt handle is not a live lease of this queue (acked, released, expired, "
-        "redelivered or never issued)",
-        reason="RECEIPT_NOT_FOUND",
-        queue=queue,
-    )
 
 
 class MemstoreQueues:
@@ -244,7 +236,7 @@ class MemstoreQueues:
         self._settle(ctx.namespace, q)
         msg = q.messages.get(q.leases.get(handle, ""))
         if msg is None or msg.handle != handle:
-            raise _handle_not_found(name)
+            raise receipt_not_found(name)
         return q, msg
 
     # queue_basic -------------------------------------------------------------------------
@@ -285,9 +277,7 @@ class MemstoreQueues:
     async def dequeue_with_timeout(
         self, request: visibility.DequeueWithTimeoutRequest, ctx: CallContext
     ) -> visibility.DequeueWithTimeoutResponse:
-        lease = validation.visibility_timeout(
-            request.visibility_timeout, request.HasField("visibility_timeout")
-        )
+        lease = validation.lease(request)
         messages = await self._dequeue(
             ctx,
             request.queue,
@@ -301,9 +291,7 @@ class MemstoreQueues:
     async def extend_visibility(
         self, request: visibility.ExtendVisibilityRequest, ctx: CallContext
     ) -> visibility.ExtendVisibilityResponse:
-        lease = validation.visibility_timeout(
-            request.visibility_timeout, request.HasField("visibility_timeout")
-        )
+        lease = validation.lease(request)
         q, msg = self._leased(ctx, request.queue, request.receipt_handle)
         msg.lease_expires = time.monotonic() + lease
         heapq.heappush(q.lease_expiries, (msg.lease_expires, request.receipt_handle))

@@ -55,7 +55,8 @@ from plugins.nats.connection import STATE_BUCKET, NatsConnection, namespace_toke
 from plugins.nats.stream import BATCH, JetStreams
 from plugins.runtime import validation
 from plugins.runtime.context import CallContext
-from plugins.runtime.errors import FailedPrecondition, NotFound
+from plugins.runtime.errors import FailedPrecondition
+from plugins.runtime.queues import receipt_not_found
 
 KIND = "q"
 ORIGIN = "Prism-Origin"
@@ -463,21 +464,15 @@ class NatsQueue:
     async def dequeue(
         self, request: basic_pb.DequeueRequest, ctx: CallContext
     ) -> basic_pb.DequeueResponse:
-        queue = validation.queue_name(request.queue)
-        limit = validation.max_messages(request.max_messages)
-        wait = validation.wait_time(request.wait_time, request.HasField("wait_time"))
+        queue, limit, wait = validation.dequeue(request)
         leased = await self._lease(ctx, queue, limit, wait, DEFAULT_VISIBILITY_SECONDS)
         return basic_pb.DequeueResponse(messages=leased)
 
     async def dequeue_with_timeout(
         self, request: visibility_pb.DequeueWithTimeoutRequest, ctx: CallContext
     ) -> visibility_pb.DequeueWithTimeoutResponse:
-        queue = validation.queue_name(request.queue)
-        limit = validation.max_messages(request.max_messages)
-        wait = validation.wait_time(request.wait_time, request.HasField("wait_time"))
-        lease = validation.visibility_timeout(
-            request.visibility_timeout, request.HasField("visibility_timeout")
-        )
+        queue, limit, wait = validation.dequeue(request)
+        lease = validation.lease(request)
         leased = await self._lease(ctx, queue, limit, wait, lease)
         return visibility_pb.DequeueWithTimeoutResponse(messages=leased)
 
@@ -555,12 +550,7 @@ class NatsQueue:
             state = await self._get_state(ctx, key)
             if state is not None and state.h == nonce and state.until > time.time_ns():
                 return int(seq_text), key, state
-        raise NotFound(
-            "receipt handle is not a live lease of this queue (acked, released, expired, "
-            "redelivered or never issued)",
-            reason="RECEIPT_NOT_FOUND",
-            queue=queue,
-        )
+        raise receipt_not_found(queue)
 
     async def ack(self, request: basic_pb.AckRequest, ctx: CallContext) -> basic_pb.AckResponse:
         queue = validation.queue_name(request.queue)
@@ -578,9 +568,7 @@ class NatsQueue:
     ) -> visibility_pb.ExtendVisibilityResponse:
         queue = validation.queue_name(request.queue)
         handle = validation.receipt_handle(request.receipt_handle)
-        lease = validation.visibility_timeout(
-            request.visibility_timeout, request.HasField("visibility_timeout")
-        )
+        lease = validation.lease(request)
         while True:
             _, key, state = await self._live_lease(ctx, queue, handle)
             until = time.time_ns() + int(lease * 1e9)

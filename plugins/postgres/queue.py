@@ -45,7 +45,8 @@ from plugins.postgres.db import Conn, Database
 from plugins.postgres.schema import MIGRATION_LOCK_ID
 from plugins.runtime import validation
 from plugins.runtime.context import CallContext
-from plugins.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from plugins.runtime.errors import FailedPrecondition, InvalidArgument
+from plugins.runtime.queues import receipt_not_found
 
 DEFAULT_TABLE = "prism_queue_messages"
 #: a table name the slot's config may give: one unquoted lower-case PostgreSQL identifier
@@ -256,15 +257,6 @@ def _to_message(row: tuple[Any, ...], receipt: str = "") -> basic_pb.Message:
     return message
 
 
-def _receipt_not_found(queue: str) -> NotFound:
-    return NotFound(
-        "receipt handle is not a live lease of this queue (acked, released, expired, "
-        "redelivered or never issued)",
-        reason="RECEIPT_NOT_FOUND",
-        queue=queue,
-    )
-
-
 class PostgresQueue:
     """queue_basic, _visibility, _dead_letter, _delayed and _priority."""
 
@@ -383,9 +375,7 @@ class PostgresQueue:
     async def dequeue(
         self, request: basic_pb.DequeueRequest, ctx: CallContext
     ) -> basic_pb.DequeueResponse:
-        queue = validation.queue_name(request.queue)
-        count = validation.max_messages(request.max_messages)
-        wait = validation.wait_time(request.wait_time, request.HasField("wait_time"))
+        queue, count, wait = validation.dequeue(request)
         messages = await self._lease(queue, count, wait, self.visibility, ctx)
         return basic_pb.DequeueResponse(messages=messages)
 
@@ -407,7 +397,7 @@ class PostgresQueue:
         async with self.db.connection(ctx) as conn:
             cur = await conn.execute(self.sql.ack, (receipt, ctx.namespace, queue))
             if cur.rowcount == 0:
-                raise _receipt_not_found(queue)
+                raise receipt_not_found(queue)
         return basic_pb.AckResponse()
 
     # -- visibility ----------------------------------------------------------------------------
@@ -415,12 +405,8 @@ class PostgresQueue:
     async def dequeue_with_timeout(
         self, request: visibility_pb.DequeueWithTimeoutRequest, ctx: CallContext
     ) -> visibility_pb.DequeueWithTimeoutResponse:
-        queue = validation.queue_name(request.queue)
-        count = validation.max_messages(request.max_messages)
-        wait = validation.wait_time(request.wait_time, request.HasField("wait_time"))
-        lease = validation.visibility_timeout(
-            request.visibility_timeout, request.HasField("visibility_timeout")
-        )
+        queue, count, wait = validation.dequeue(request)
+        lease = validation.lease(request)
         messages = await self._lease(queue, count, wait, lease, ctx)
         return visibility_pb.DequeueWithTimeoutResponse(messages=messages)
 
@@ -429,14 +415,12 @@ class PostgresQueue:
     ) -> visibility_pb.ExtendVisibilityResponse:
         queue = validation.queue_name(request.queue)
         receipt = validation.receipt_handle(request.receipt_handle)
-        lease = validation.visibility_timeout(
-            request.visibility_timeout, request.HasField("visibility_timeout")
-        )
+        lease = validation.lease(request)
         async with self.db.connection(ctx) as conn:
             cur = await conn.execute(self.sql.extend, (lease, receipt, ctx.namespace, queue))
             row = await cur.fetchone()
         if row is None:
-            raise _receipt_not_found(queue)
+            raise receipt_not_found(queue)
         ends = Timestamp()
         ends.FromDatetime(row[0])
         return visibility_pb.ExtendVisibilityResponse(lease_expire_time=ends)
@@ -451,7 +435,7 @@ class PostgresQueue:
             cur = await conn.execute(self.sql.release_lookup, (receipt, ns, queue))
             row = await cur.fetchone()
             if row is None:
-                raise _receipt_not_found(queue)
+                raise receipt_not_found(queue)
             message_id, dlq, exhausted = row
             if exhausted:
                 await conn.execute(self.sql.release_to_dead_letter, (dlq, ns, message_id))

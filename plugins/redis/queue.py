@@ -27,7 +27,8 @@ from plugins.redis.connection import RedisConnection
 from plugins.redis.keys import Keyspace
 from plugins.runtime import validation
 from plugins.runtime.context import CallContext
-from plugins.runtime.errors import FailedPrecondition, NotFound
+from plugins.runtime.errors import FailedPrecondition
+from plugins.runtime.queues import receipt_not_found
 
 DEFAULT_VISIBILITY = 30.0
 POLL_INTERVAL = 0.1
@@ -43,15 +44,6 @@ def _timestamp(ms: int) -> Timestamp:
     stamp = Timestamp()
     stamp.FromMilliseconds(ms)
     return stamp
-
-
-def _receipt_not_found(queue: str) -> NotFound:
-    return NotFound(
-        "receipt handle is not a live lease of this queue (acked, released, expired, "
-        "redelivered or never issued)",
-        reason="RECEIPT_NOT_FOUND",
-        queue=queue,
-    )
 
 
 def _messages(reply: list[Any], tokens: list[str] | None = None) -> list[basic_pb.Message]:
@@ -144,9 +136,7 @@ class RedisQueue:
     async def dequeue(
         self, request: basic_pb.DequeueRequest, ctx: CallContext
     ) -> basic_pb.DequeueResponse:
-        queue = validation.queue_name(request.queue)
-        count = validation.max_messages(request.max_messages)
-        wait = validation.wait_time(request.wait_time, request.HasField("wait_time"))
+        queue, count, wait = validation.dequeue(request)
         messages = await self._lease(queue, count, wait, DEFAULT_VISIBILITY, ctx)
         return basic_pb.DequeueResponse(messages=messages)
 
@@ -162,13 +152,13 @@ class RedisQueue:
         """Run a script taking a receipt handle; a malformed handle is one never issued."""
         message_id, _, token = validation.receipt_handle(handle).rpartition(".")
         if not message_id or not token:
-            raise _receipt_not_found(queue)
+            raise receipt_not_found(queue)
         return int(await self._run(ctx, script, queue, message_id, token, *args))
 
     async def ack(self, request: basic_pb.AckRequest, ctx: CallContext) -> basic_pb.AckResponse:
         queue = validation.queue_name(request.queue)
         if not await self._handle_call(ctx, self.conn.scripts.q_ack, queue, request.receipt_handle):
-            raise _receipt_not_found(queue)
+            raise receipt_not_found(queue)
         return basic_pb.AckResponse()
 
     # -- visibility ----------------------------------------------------------------------------
@@ -176,12 +166,8 @@ class RedisQueue:
     async def dequeue_with_timeout(
         self, request: visibility_pb.DequeueWithTimeoutRequest, ctx: CallContext
     ) -> visibility_pb.DequeueWithTimeoutResponse:
-        queue = validation.queue_name(request.queue)
-        count = validation.max_messages(request.max_messages)
-        wait = validation.wait_time(request.wait_time, request.HasField("wait_time"))
-        lease = validation.visibility_timeout(
-            request.visibility_timeout, request.HasField("visibility_timeout")
-        )
+        queue, count, wait = validation.dequeue(request)
+        lease = validation.lease(request)
         messages = await self._lease(queue, count, wait, lease, ctx)
         return visibility_pb.DequeueWithTimeoutResponse(messages=messages)
 
@@ -190,12 +176,10 @@ class RedisQueue:
     ) -> visibility_pb.ExtendVisibilityResponse:
         queue = validation.queue_name(request.queue)
         handle = validation.receipt_handle(request.receipt_handle)
-        lease = validation.visibility_timeout(
-            request.visibility_timeout, request.HasField("visibility_timeout")
-        )
+        lease = validation.lease(request)
         ends = await self._handle_call(ctx, self.conn.scripts.q_extend, queue, handle, _ms(lease))
         if ends < 0:
-            raise _receipt_not_found(queue)
+            raise receipt_not_found(queue)
         return visibility_pb.ExtendVisibilityResponse(lease_expire_time=_timestamp(ends))
 
     async def release(
@@ -204,7 +188,7 @@ class RedisQueue:
         queue = validation.queue_name(request.queue)
         handle = request.receipt_handle
         if not await self._handle_call(ctx, self.conn.scripts.q_release, queue, handle):
-            raise _receipt_not_found(queue)
+            raise receipt_not_found(queue)
         self._notify(ctx, queue)
         return visibility_pb.ReleaseResponse()
 

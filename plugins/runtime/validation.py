@@ -236,6 +236,20 @@ def visibility_timeout(
     return seconds
 
 
+def dequeue(request: Any) -> tuple[str, int, float]:
+    """Queue, message count and long-poll time of a Dequeue or DequeueWithTimeout request."""
+    return (
+        queue_name(request.queue),
+        max_messages(request.max_messages),
+        wait_time(request.wait_time, request.HasField("wait_time")),
+    )
+
+
+def lease(request: Any) -> float:
+    """The visibility timeout a DequeueWithTimeout or ExtendVisibility request asks for."""
+    return visibility_timeout(request.visibility_timeout, request.HasField("visibility_timeout"))
+
+
 def receipt_handle(handle: str, field: str = "receipt_handle") -> str:
     if not handle:
         raise InvalidArgument(field, "must not be empty")
