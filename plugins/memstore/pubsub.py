@@ -9,21 +9,19 @@ stream ends with RESOURCE_EXHAUSTED (reason SLOW_SUBSCRIBER), as the proto requi
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
 from prism.interfaces.pubsub.v1 import pubsub_basic_pb2 as basic
-from prism.interfaces.pubsub.v1 import pubsub_wildcards_pb2 as wildcards
 
 from plugins.runtime import validation
 from plugins.runtime.context import CallContext
-from plugins.runtime.errors import NotFound, ResourceExhausted
+from plugins.runtime.errors import ResourceExhausted
+from plugins.runtime.pubsub import MatchingSubscriptions, subscription_not_found
 
 MAX_PENDING = 10_000
 
@@ -70,7 +68,7 @@ class _Subscription:
             await self.wake.wait()
 
 
-class MemstorePubSub:
+class MemstorePubSub(MatchingSubscriptions):
     """pubsub_basic and pubsub_wildcards over per-namespace subscription sets."""
 
     def __init__(self) -> None:
@@ -111,43 +109,12 @@ class MemstorePubSub:
                 sub.offer(message)
         return basic.PublishResponse(message_id=message.message_id)
 
-    async def subscribe(
-        self, request: basic.SubscribeRequest, ctx: CallContext
-    ) -> AsyncIterator[basic.SubscribeResponse]:
-        tokens = validation.topic(request.topic).split(".")
-        async with contextlib.aclosing(self._stream(ctx, tokens.__eq__)) as stream:
-            async for sub_id, message in stream:
-                if message is None:
-                    yield basic.SubscribeResponse(
-                        started=basic.SubscriptionStarted(subscription_id=sub_id)
-                    )
-                else:
-                    yield basic.SubscribeResponse(message=message)
-
-    async def subscribe_pattern(
-        self, request: wildcards.SubscribePatternRequest, ctx: CallContext
-    ) -> AsyncIterator[wildcards.SubscribePatternResponse]:
-        pattern = validation.topic_pattern(request.pattern)
-        matcher = functools.partial(validation.topic_matches, pattern)
-        async with contextlib.aclosing(self._stream(ctx, matcher)) as stream:
-            async for sub_id, message in stream:
-                if message is None:
-                    yield wildcards.SubscribePatternResponse(
-                        started=basic.SubscriptionStarted(subscription_id=sub_id)
-                    )
-                else:
-                    yield wildcards.SubscribePatternResponse(message=message)
-
     async def unsubscribe(
         self, request: basic.UnsubscribeRequest, ctx: CallContext
     ) -> basic.UnsubscribeResponse:
         sub = self._subscriptions.get(request.subscription_id)
         if sub is None or sub.namespace != ctx.namespace or sub.state is not _State.LIVE:
-            raise NotFound(
-                "no live subscription with this id",
-                reason="SUBSCRIPTION_NOT_FOUND",
-                subscription_id=request.subscription_id,
-            )
+            raise subscription_not_found(request.subscription_id)
         sub.state = _State.UNSUBSCRIBED
         sub.wake.set()
         self._subscriptions.pop(sub.id, None)

@@ -17,7 +17,8 @@ from typing import TypeVar
 
 from prism.interfaces.pubsub.v1 import pubsub_basic_pb2 as basic_pb
 
-from plugins.runtime.errors import NotFound, ResourceExhausted
+from plugins.runtime.errors import ResourceExhausted
+from plugins.runtime.pubsub import subscription_not_found
 
 MAX_BACKLOG = 10_000
 Event = TypeVar("Event")
@@ -81,11 +82,7 @@ class Subscriptions:
     def unsubscribe(self, subscription_id: str, namespace: str) -> None:
         sub = self.live.get(subscription_id)
         if sub is None or sub.namespace != namespace:
-            raise NotFound(
-                f"subscription {subscription_id!r} is unknown or has ended",
-                reason="SUBSCRIPTION_NOT_FOUND",
-                subscription_id=subscription_id,
-            )
+            raise subscription_not_found(subscription_id)
         del self.live[subscription_id]
         sub.end(None)
 

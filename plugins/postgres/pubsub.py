@@ -23,23 +23,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import functools
 import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
 import psycopg
 from google.protobuf.message import DecodeError
 from prism.interfaces.pubsub.v1 import pubsub_basic_pb2 as basic_pb
-from prism.interfaces.pubsub.v1 import pubsub_wildcards_pb2 as wildcards_pb
 
 from plugins.postgres.db import Conn, Database, unavailable
 from plugins.runtime import validation
 from plugins.runtime.context import CallContext
-from plugins.runtime.errors import NotFound, PrismError, ResourceExhausted
+from plugins.runtime.errors import PrismError, ResourceExhausted
+from plugins.runtime.pubsub import MatchingSubscriptions, subscription_not_found
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +84,7 @@ class _Subscription:
             self.armed.set()  # wake a subscriber still waiting for its barrier
 
 
-class PostgresPubSub:
+class PostgresPubSub(MatchingSubscriptions):
     """pubsub_basic and pubsub_wildcards."""
 
     def __init__(self, db: Database) -> None:
@@ -248,43 +247,12 @@ class PostgresPubSub:
             sub.live = False
             self.subscriptions.pop(sub.id, None)
 
-    async def subscribe(
-        self, request: basic_pb.SubscribeRequest, ctx: CallContext
-    ) -> AsyncIterator[basic_pb.SubscribeResponse]:
-        tokens = validation.topic(request.topic).split(".")
-        async with contextlib.aclosing(self._stream(ctx, tokens.__eq__)) as stream:
-            async for sub_id, message in stream:
-                if message is None:
-                    yield basic_pb.SubscribeResponse(
-                        started=basic_pb.SubscriptionStarted(subscription_id=sub_id)
-                    )
-                else:
-                    yield basic_pb.SubscribeResponse(message=message)
-
-    async def subscribe_pattern(
-        self, request: wildcards_pb.SubscribePatternRequest, ctx: CallContext
-    ) -> AsyncIterator[wildcards_pb.SubscribePatternResponse]:
-        pattern = validation.topic_pattern(request.pattern)
-        matcher = functools.partial(validation.topic_matches, pattern)
-        async with contextlib.aclosing(self._stream(ctx, matcher)) as stream:
-            async for sub_id, message in stream:
-                if message is None:
-                    yield wildcards_pb.SubscribePatternResponse(
-                        started=basic_pb.SubscriptionStarted(subscription_id=sub_id)
-                    )
-                else:
-                    yield wildcards_pb.SubscribePatternResponse(message=message)
-
     async def unsubscribe(
         self, request: basic_pb.UnsubscribeRequest, ctx: CallContext
     ) -> basic_pb.UnsubscribeResponse:
         sub = self.subscriptions.get(request.subscription_id)
         if sub is None or sub.namespace != ctx.namespace or not sub.live:
-            raise NotFound(
-                "no live subscription with this id",
-                reason="SUBSCRIPTION_NOT_FOUND",
-                subscription_id=request.subscription_id,
-            )
+            raise subscription_not_found(request.subscription_id)
         sub.end(None)
         self.subscriptions.pop(sub.id, None)
         return basic_pb.UnsubscribeResponse()

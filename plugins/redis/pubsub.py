@@ -36,7 +36,8 @@ from plugins.redis.connection import RedisConnection
 from plugins.redis.keys import Keyspace
 from plugins.runtime import validation
 from plugins.runtime.context import CallContext
-from plugins.runtime.errors import NotFound, ResourceExhausted, Unavailable
+from plugins.runtime.errors import ResourceExhausted, Unavailable
+from plugins.runtime.pubsub import subscription_not_found
 
 MAX_BACKLOG = 10_000
 EventT = TypeVar("EventT", basic_pb.SubscribeResponse, wildcards_pb.SubscribePatternResponse)
@@ -124,11 +125,7 @@ class RedisPubSub:
     ) -> basic_pb.UnsubscribeResponse:
         sub = self.subscriptions.get(request.subscription_id)
         if sub is None or sub.namespace != ctx.namespace:
-            raise NotFound(
-                f"subscription {request.subscription_id!r} is unknown or has ended",
-                reason="SUBSCRIPTION_NOT_FOUND",
-                subscription_id=request.subscription_id,
-            )
+            raise subscription_not_found(request.subscription_id)
         del self.subscriptions[request.subscription_id]
         sub.end(None)
         return basic_pb.UnsubscribeResponse()
