@@ -84,8 +84,9 @@ async def closed_loop(
     max_calls: int | None = None,
 ) -> tuple[int, float, list[float]]:
     """`concurrency` workers issue `call(n)` back to back for `warmup + seconds` (or until
-    `max_calls` calls were issued); only calls started after the warm-up count. Returns (counted
-    calls, seconds from the end of the warm-up to the last counted completion, latencies ms)."""
+    `max_calls` calls were issued). A call counts when it completes inside the measured window,
+    whenever it started, so slow calls in flight at the window's edges are not lost. Returns
+    (counted calls, window length in seconds, their latencies in ms)."""
     latencies: list[float] = []
     issued = 0
     measure_from = time.perf_counter() + warmup
@@ -100,13 +101,14 @@ async def closed_loop(
                 return
             issued += 1
             await call(issued * 1000 + wid)
-            if began >= measure_from:
-                done = time.perf_counter()
+            done = time.perf_counter()
+            if measure_from <= done <= stop_at:
                 latencies.append((done - began) * 1000)
                 last_done = max(last_done, done)
 
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    return len(latencies), max(last_done - measure_from, 1e-9), latencies
+    window = seconds if max_calls is None else min(seconds, last_done - measure_from)
+    return len(latencies), max(window, 1e-9), latencies
 
 
 def print_report(results: list[Result], baseline_target: str) -> None:
