@@ -20,9 +20,9 @@ from plugins.mongodb.document import encode_namespace
 from plugins.mongodb.keyvalue import string_upper_bound
 from plugins.runtime import docfilter
 from plugins.runtime.context import CallContext
+from tests.support.documents import SCALARS, find_ids, random_filter
 from tests.support.servers import ThrowawayServer
 
-SCALARS: list[Any] = [None, True, False, 0, 1, 1.0, 2.5, -3, 10**20, "", "a", "b", "1", "é", "ab"]
 PATHS = ["a", "b", "n.x", "n.y", "n.0", "n.x.z"]
 
 
@@ -55,27 +55,6 @@ def random_body(rng: random.Random) -> dict[str, Any]:
     return body
 
 
-def random_filter(rng: random.Random, depth: int = 0) -> dict[str, Any]:
-    roll = rng.random()
-    if depth < 2 and roll < 0.2:
-        combinator = rng.choice(["$and", "$or"])
-        return {combinator: [random_filter(rng, depth + 1) for _ in range(rng.randint(1, 3))]}
-    if depth < 2 and roll < 0.3:
-        return {"$not": random_filter(rng, depth + 1)}
-    path = rng.choice(PATHS)
-    op = rng.choice(["$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$all", "$exists"])
-    operand: Any
-    if op in ("$gt", "$gte", "$lt", "$lte"):
-        operand = rng.choice([v for v in SCALARS if docfilter.kind(v) in ("number", "string")])
-    elif op in ("$in", "$nin", "$all"):
-        operand = rng.sample(SCALARS, rng.randint(0, 3))
-    elif op == "$exists":
-        operand = rng.random() < 0.5
-    else:
-        operand = rng.choice(SCALARS)
-    return {path: {op: operand}}
-
-
 @pytest.fixture(scope="module")
 async def loaded(
     mongo_server: ThrowawayServer, tmp_path_factory: pytest.TempPathFactory
@@ -97,21 +76,8 @@ async def loaded(
     await plugin.close()
 
 
-async def _ids(plugin: MongodbPlugin, text: str, sort: list[query_pb.SortField]) -> list[str]:
-    ctx = CallContext.with_timeout("ns", 30.0)
-    ids: list[str] = []
-    token = ""
-    while True:
-        page = await plugin.documents.find(
-            query_pb.FindRequest(
-                collection="c", filter=text, sort=sort, page_size=40, page_token=token
-            ),
-            ctx,
-        )
-        ids += [d.id for d in page.documents]
-        token = page.next_page_token
-        if not token:
-            return ids
+async def _ids(plugin: MongodbPlugin, text: str, sort: list[tuple[str, bool]]) -> list[str]:
+    return await find_ids(plugin.documents, CallContext.with_timeout("ns", 30.0), text, sort, 40)
 
 
 async def test_random_filters_agree_with_the_reference(
@@ -120,7 +86,7 @@ async def test_random_filters_agree_with_the_reference(
     plugin, bodies = loaded
     rng = random.Random(7)
     for _ in range(120):
-        text = json.dumps(random_filter(rng))
+        text = json.dumps(random_filter(rng, PATHS))
         node = docfilter.parse_filter(text)
         expected = sorted(i for i, b in bodies.items() if docfilter.matches(node, b))
         assert await _ids(plugin, text, []) == expected, text
@@ -142,14 +108,13 @@ async def test_sorted_pages_follow_the_reference_order(
         [("n.0", True), ("n.x.z", False), ("b", True)],
     ):
         spec = docfilter.parse_sort(fields)
-        sort = [query_pb.SortField(field=f, descending=d) for f, d in fields]
-        for text in ("", *(json.dumps(random_filter(rng)) for _ in range(5))):
+        for text in ("", *(json.dumps(random_filter(rng, PATHS)) for _ in range(5))):
             node = docfilter.parse_filter(text)
             matching = (
                 (spec.key(i, b), i) for i, b in bodies.items() if docfilter.matches(node, b)
             )
             expected = [i for _, i in spec.sort(matching)]
-            assert await _ids(plugin, text, sort) == expected, (fields, text)
+            assert await _ids(plugin, text, fields) == expected, (fields, text)
 
 
 def test_namespace_encoding_is_injective_and_legal() -> None:

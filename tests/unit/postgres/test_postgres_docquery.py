@@ -1,13 +1,12 @@
 """The JSONB translation of the shared filter AST and sort order must agree with the reference
 evaluator (plugins.runtime.docfilter) on every document, page by page; checked on random data
-and filters (the generators are the SQLite differential test's, so both backends face the same
-kinds of input)."""
+and filters (tests/support/documents.py, so every document backend faces the same kinds of
+input)."""
 
 from __future__ import annotations
 
 import json
 import random
-from typing import Any
 
 from prism.interfaces.document.v1 import document_basic_pb2 as basic_pb
 from prism.interfaces.document.v1 import document_query_pb2 as query_pb
@@ -18,7 +17,13 @@ from plugins.postgres.document import search_words
 from plugins.runtime import docfilter
 from plugins.runtime.context import CallContext
 from plugins.runtime.docpages import ACCUMULATOR_NAMES
-from tests.unit.sqlite.test_sqlite_docquery import PATHS, random_body, random_filter
+from tests.support.documents import (
+    PATHS,
+    aggregate_groups,
+    check_filters_and_sort,
+    insert_random,
+    reference_groups,
+)
 
 
 async def test_filters_and_sort_agree_with_reference(
@@ -26,47 +31,8 @@ async def test_filters_and_sort_agree_with_reference(
 ) -> None:
     rng = random.Random(4321)
     ctx = CallContext(namespace=namespace)
-    bodies: dict[str, dict[str, Any]] = {}
-    for i in range(60):
-        body = random_body(rng)
-        doc_id = f"d{i:02d}"
-        req = basic_pb.InsertRequest(collection="c", id=doc_id, json=json.dumps(body))
-        await plugin.documents.insert(req, ctx)
-        bodies[doc_id] = body
-
-    for _ in range(150):
-        flt = random_filter(rng)
-        node = docfilter.parse_filter(json.dumps(flt))
-        sort_fields = [(rng.choice(PATHS), rng.random() < 0.5) for _ in range(rng.randint(0, 2))]
-        spec = docfilter.parse_sort(sort_fields)
-        expected = [
-            doc_id
-            for _, doc_id in spec.sort(
-                (spec.key(i, b), i) for i, b in bodies.items() if docfilter.matches(node, b)
-            )
-        ]
-        got: list[str] = []
-        token = ""
-        while True:
-            resp = await plugin.documents.find(
-                query_pb.FindRequest(
-                    collection="c",
-                    filter=json.dumps(flt),
-                    sort=[query_pb.SortField(field=p, descending=d) for p, d in sort_fields],
-                    page_size=7,
-                    page_token=token,
-                ),
-                ctx,
-            )
-            got += [d.id for d in resp.documents]
-            token = resp.next_page_token
-            if not token:
-                break
-        assert got == expected, (flt, sort_fields)
-        count = await plugin.documents.count(
-            query_pb.CountRequest(collection="c", filter=json.dumps(flt)), ctx
-        )
-        assert count.count == len(expected), flt
+    bodies = await insert_random(plugin.documents, rng, ctx, 60)
+    await check_filters_and_sort(plugin.documents, bodies, rng, ctx)
 
 
 def test_search_words_are_the_contract_words() -> None:
@@ -100,26 +66,19 @@ async def test_aggregate_agrees_with_reference(plugin: PostgresPlugin, namespace
     the ones the reference computes from whole bodies."""
     rng = random.Random(99)
     ctx = CallContext(namespace=namespace)
-    bodies = [random_body(rng) for _ in range(50)]
-    for i, body in enumerate(bodies):
-        req = basic_pb.InsertRequest(collection="g", id=f"d{i}", json=json.dumps(body))
-        await plugin.documents.insert(req, ctx)
+    bodies = list((await insert_random(plugin.documents, rng, ctx, 50, "g")).values())
     ops = list(ACCUMULATOR_NAMES.items())
     for group_by, unwind in (("", False), ("a", False), ("a", True), ("n.x", True)):
         accumulators = [(op, rng.choice(PATHS)) for op, _ in ops]
         spec = docfilter.parse_aggregate(
             group_by, unwind, [(ACCUMULATOR_NAMES[op], path) for op, path in accumulators]
         )
-        expected = [(g.key_json, g.count, v) for g, v in docfilter.aggregate(bodies, spec)]
-        reply = await plugin.documents.aggregate(
-            query_pb.AggregateRequest(
-                collection="g",
-                group_by=group_by,
-                unwind=unwind,
-                accumulators=[query_pb.Accumulator(op=op, field=p) for op, p in accumulators],
-                page_size=1000,
-            ),
-            ctx,
+        request = query_pb.AggregateRequest(
+            collection="g",
+            group_by=group_by,
+            unwind=unwind,
+            accumulators=[query_pb.Accumulator(op=op, field=p) for op, p in accumulators],
+            page_size=1000,
         )
-        got = [(g.key_json, g.count, list(g.values_json)) for g in reply.groups]
-        assert got == expected, (group_by, unwind, accumulators)
+        got = await aggregate_groups(plugin.documents, ctx, request)
+        assert got == reference_groups(bodies, spec), (group_by, unwind, accumulators)
