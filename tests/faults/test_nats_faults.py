@@ -8,13 +8,10 @@ JetStream KV, so they survive too)."""
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prism.interfaces.pubsub.v1 import pubsub_basic_pb2 as pubsub
 from prism.interfaces.pubsub.v1 import pubsub_persistent_pb2 as persistent
 from prism.interfaces.pubsub.v1.pubsub_basic_pb2_grpc import PubSubBasicServiceStub
@@ -24,31 +21,22 @@ from prism.interfaces.queue.v1.queue_basic_pb2_grpc import QueueBasicServiceStub
 from prism.interfaces.stream.v1 import stream_basic_pb2 as stream
 from prism.interfaces.stream.v1.stream_basic_pb2_grpc import StreamBasicServiceStub
 
+from tests.support.faults import (
+    SERVING,
+    await_outage,
+    await_recovery,
+    expect_stream_ends,
+    expect_unavailable,
+    health_is,
+)
 from tests.support.harness import namespaced, running_server
 from tests.support.servers import throwaway
-from tests.support.wait import eventually
 
 SERVICE = "prism.interfaces.stream.v1.StreamBasicService"
 DEADLINE = 3.0
 META = namespaced("faults")
-
-
-async def _health(channel: grpc.aio.Channel) -> int:
-    stub = health_pb2_grpc.HealthStub(channel)
-    reply = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=2)
-    return int(reply.status)
-
-
-async def _expect_unavailable(call: Awaitable[object]) -> None:
-    """The call fails UNAVAILABLE well before the client's deadline."""
-    started = time.monotonic()
-    try:
-        await call
-    except grpc.aio.AioRpcError as exc:
-        assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
-    else:
-        raise AssertionError("a call succeeded while nats-server was down")
-    assert time.monotonic() - started < DEADLINE - 0.5
+#: well before the client's deadline
+FAST = DEADLINE - 0.5
 
 
 async def _read_all(streams: Any, name: str) -> list[tuple[int, bytes]]:
@@ -102,7 +90,7 @@ async def test_nats_killed_and_restarted(tmp_path: Path) -> None:
                 )
                 acknowledged.append((reply.offset, b"e%d" % i))
             assert [offset for offset, _ in acknowledged] == list(range(1, 31))
-            assert await _health(channel) == health_pb2.HealthCheckResponse.SERVING
+            assert await health_is(channel, SERVING, SERVICE)
 
             live = topics.Subscribe(pubsub.SubscribeRequest(topic="alerts"), metadata=META)
             events = live.__aiter__()
@@ -111,57 +99,42 @@ async def test_nats_killed_and_restarted(tmp_path: Path) -> None:
 
             server_proc.kill()
 
-            try:
-                await asyncio.wait_for(anext(events), DEADLINE)
-            except grpc.aio.AioRpcError as exc:
-                assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
-            else:
-                raise AssertionError("the live subscription went on while NATS was down")
-            await _expect_unavailable(
+            await expect_stream_ends(events, DEADLINE, "NATS")
+            await expect_unavailable(
                 streams.Append(
                     stream.AppendRequest(stream="events", payload=b"lost"),
                     metadata=META,
                     timeout=DEADLINE,
-                )
+                ),
+                FAST,
+                "nats-server",
             )
-            await _expect_unavailable(_read_all(streams, "events"))
-            await _expect_unavailable(
-                jobs.Dequeue(queue.DequeueRequest(queue="jobs"), metadata=META, timeout=DEADLINE)
+            await expect_unavailable(_read_all(streams, "events"), FAST, "nats-server")
+            await expect_unavailable(
+                jobs.Dequeue(queue.DequeueRequest(queue="jobs"), metadata=META, timeout=DEADLINE),
+                FAST,
+                "nats-server",
             )
-            await _expect_unavailable(
+            await expect_unavailable(
                 topics.Publish(
                     pubsub.PublishRequest(topic="alerts", payload=b"x"),
                     metadata=META,
                     timeout=DEADLINE,
-                )
+                ),
+                FAST,
+                "nats-server",
             )
 
-            async def health_is(status: int) -> bool:
-                return await _health(channel) == status
-
-            await eventually(
-                lambda: health_is(health_pb2.HealthCheckResponse.NOT_SERVING),
-                message="health did not go NOT_SERVING",
-            )
+            await await_outage(channel, SERVICE)
 
             server_proc.start()
 
-            async def answers() -> bool:
-                try:
-                    await streams.GetLatestOffset(
-                        stream.GetLatestOffsetRequest(stream="events"),
-                        metadata=META,
-                        timeout=DEADLINE,
-                    )
-                except grpc.aio.AioRpcError as exc:
-                    assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
-                    return False
-                return True
-
-            await eventually(answers, timeout=20, message="plugin did not recover")
-            await eventually(
-                lambda: health_is(health_pb2.HealthCheckResponse.SERVING),
-                message="health did not come back to SERVING",
+            await await_recovery(
+                channel,
+                lambda: streams.GetLatestOffset(
+                    stream.GetLatestOffsetRequest(stream="events"), metadata=META, timeout=DEADLINE
+                ),
+                SERVICE,
             )
             assert await _read_all(streams, "events") == acknowledged
             after = await streams.Append(
