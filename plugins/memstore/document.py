@@ -16,7 +16,7 @@ from prism.interfaces.document.v1 import document_indexing_pb2 as indexing
 from prism.interfaces.document.v1 import document_query_pb2 as query
 from prism.interfaces.document.v1 import document_search_pb2 as search
 
-from plugins.runtime import docfilter, docpages, textsearch, validation
+from plugins.runtime import docfilter, docpages, validation
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import (
     Aborted,
@@ -334,45 +334,8 @@ class MemstoreDocuments:
         self, request: search.SearchRequest, ctx: CallContext
     ) -> search.SearchResponse:
         coll = self._collection(ctx, request.collection)
-        terms = textsearch.query_terms(request.query)
-        fields = textsearch.search_fields([(f.path, f.weight) for f in request.fields])
-        node = docfilter.parse_filter(request.filter)
-        size = validation.page_size(request.page_size)
-        tags = (
-            textsearch.highlight_options(
-                request.highlight.pre_tag,
-                request.highlight.post_tag,
-                request.highlight.snippet_words,
-            )
-            if request.HasField("highlight")
-            else None
+        paging = docpages.SearchPaging.parse(request, request.collection, "document.search")
+        matching = list(self._matching(coll, paging.node))
+        return paging.page(
+            [(i, d.body) for i, d in matching], lambda k: matching[k][1].proto(matching[k][0])
         )
-        scope = docfilter.token_scope(
-            request.collection,
-            request.query,
-            [[f.name, f.weight] for f in fields],
-            request.filter,
-        )
-        after = textsearch.search_position(
-            validation.decode_page_token(request.page_token, "document.search", scope)
-        )
-        candidates = list(self._matching(coll, node))
-        ranked = textsearch.rank(
-            [(i, d.body) for i, d in candidates], fields, terms, request.query, after
-        )
-        page = ranked[:size]
-        token = ""
-        if len(ranked) > size:
-            last_score, last = page[-1]
-            token = validation.encode_page_token(
-                "document.search", scope, [last_score, candidates[last][0]]
-            )
-        hits = []
-        for score, index in page:
-            doc_id, doc = candidates[index]
-            hit = search.SearchHit(document=doc.proto(doc_id), score=score)
-            if tags is not None:
-                for name, text in textsearch.highlights(doc.body, fields, terms, tags):
-                    hit.highlights.add(field=name, snippet=text)
-            hits.append(hit)
-        return search.SearchResponse(hits=hits, next_page_token=token)

@@ -547,36 +547,10 @@ class MongoDocuments:
         self, request: search.SearchRequest, ctx: CallContext
     ) -> search.SearchResponse:
         coll = self._coll(ctx, request.collection)
-        terms = textsearch.query_terms(request.query)
-        fields = textsearch.search_fields([(f.path, f.weight) for f in request.fields])
-        node = docfilter.parse_filter(request.filter)
-        size = validation.page_size(request.page_size)
-        tags = (
-            textsearch.highlight_options(
-                request.highlight.pre_tag,
-                request.highlight.post_tag,
-                request.highlight.snippet_words,
-            )
-            if request.HasField("highlight")
-            else None
-        )
-        scope = docfilter.token_scope(
-            request.collection,
-            request.query,
-            [[f.name, f.weight] for f in fields],
-            request.filter,
-        )
-        position = validation.decode_page_token(request.page_token, "mongodb.search", scope)
-        if position is not None and not (
-            isinstance(position, list)
-            and len(position) == 2
-            and isinstance(position[0], int | float)
-            and not isinstance(position[0], bool)
-            and isinstance(position[1], str)
-        ):
-            raise InvalidArgument("page_token", "malformed page token")
-
-        rows = await self._fetch(coll, ctx, docquery.translate(node), [f.path for f in fields])
+        paging = docpages.SearchPaging.parse(request, request.collection, "mongodb.search")
+        fields, after = paging.fields, paging.after
+        paths = [f.path for f in fields]
+        rows = await self._fetch(coll, ctx, docquery.translate(paging.node), paths)
         candidates = [(d["_id"], textsearch.document_words(_body(d), fields)) for d in rows]
         averages = [
             sum(words[k].length for _, words in candidates) / len(candidates) if candidates else 0.0
@@ -585,16 +559,14 @@ class MongoDocuments:
         query_words = textsearch.normalized(request.query)
         scored: list[tuple[float, str]] = []
         for doc_id, words in candidates:
-            s = textsearch.score(words, terms, query_words, averages)
+            s = textsearch.score(words, paging.terms, query_words, averages)
             if s is not None and (
-                position is None or s < position[0] or (s == position[0] and doc_id > position[1])
+                after is None or s < after[0] or (s == after[0] and doc_id > after[1])
             ):
                 scored.append((s, doc_id))
         scored.sort(key=lambda hit: (-hit[0], hit[1]))
-        page = scored[:size]
-        token = ""
-        if len(scored) > size:
-            token = validation.encode_page_token("mongodb.search", scope, list(page[-1]))
+        page = scored[: paging.size]
+        token = paging.token(*page[-1]) if len(scored) > paging.size else ""
         docs = {d["_id"]: d for d in await self._by_ids(coll, ctx, [i for _, i in page])}
         hits = []
         for s, doc_id in page:
@@ -602,13 +574,10 @@ class MongoDocuments:
             if doc is None:  # deleted between scoring and fetching
                 continue
             hit = search.SearchHit(document=to_document(doc), score=s)
-            if tags is not None:
-                for f in fields:
-                    text = textsearch.highlight_text(_body(doc), f.path, terms)
-                    if text is not None:
-                        hit.highlights.add(
-                            field=f.name,
-                            snippet=textsearch.snippet(text, terms, tags[0], tags[1], tags[2]),
-                        )
+            if paging.tags is not None:
+                for name, snippet in textsearch.highlights(
+                    _body(doc), fields, paging.terms, paging.tags
+                ):
+                    hit.highlights.add(field=name, snippet=snippet)
             hits.append(hit)
         return search.SearchResponse(hits=hits, next_page_token=token)

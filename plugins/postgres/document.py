@@ -358,42 +358,10 @@ class PostgresDocuments:
         self, request: search_pb.SearchRequest, ctx: CallContext
     ) -> search_pb.SearchResponse:
         collection = validation.collection(request.collection)
-        terms = textsearch.query_terms(request.query)
-        fields = textsearch.search_fields([(f.path, f.weight) for f in request.fields])
-        node = docfilter.parse_filter(request.filter)
-        size = validation.page_size(request.page_size)
-        tags = None
-        if request.HasField("highlight"):
-            h = request.highlight
-            tags = textsearch.highlight_options(h.pre_tag, h.post_tag, h.snippet_words)
-        scope = docfilter.token_scope(
-            collection, request.query, [[f.name, f.weight] for f in fields], request.filter
-        )
-        after = textsearch.search_position(
-            validation.decode_page_token(request.page_token, "postgres.search", scope)
-        )
-        rows = await self._select(collection, node, ctx, words=terms)
-        bodies = [json.loads(r[1]) for r in rows]
-        ranked = textsearch.rank(
-            [(r[0], b) for r, b in zip(rows, bodies, strict=True)],
-            fields,
-            terms,
-            request.query,
-            after,
-        )
-        token = ""
-        if len(ranked) > size:
-            ranked = ranked[:size]
-            score, last = ranked[-1]
-            token = validation.encode_page_token("postgres.search", scope, [score, rows[last][0]])
-        hits = []
-        for score, i in ranked:
-            hit = search_pb.SearchHit(document=to_document(rows[i]), score=score)
-            if tags is not None:
-                for name, snippet in textsearch.highlights(bodies[i], fields, terms, tags):
-                    hit.highlights.add(field=name, snippet=snippet)
-            hits.append(hit)
-        return search_pb.SearchResponse(hits=hits, next_page_token=token)
+        paging = docpages.SearchPaging.parse(request, collection, "postgres.search")
+        rows = await self._select(collection, paging.node, ctx, words=paging.terms)
+        candidates = [(r[0], json.loads(r[1])) for r in rows]
+        return paging.page(candidates, lambda i: to_document(rows[i]))
 
     # -- indexing ----------------------------------------------------------------------------
 

@@ -1,19 +1,22 @@
-"""document_query Aggregate requests and pages, read and cut the same way on every backend.
+"""document_query Aggregate and document_search Search requests and pages, read and cut the
+same way on every backend.
 
-A backend only decides how to fetch the grouped values; what the request means (accumulator
-names, page size, which listing a token belongs to) and how the sorted groups become a page
-(keyset position after the token, next token) are one rule here.
+A backend only decides how to fetch the candidates; what the request means (accumulator names,
+search fields, highlight options, page size, which listing a token belongs to) and how the
+ordered results become a page (keyset position after the token, next token) are one rule here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from prism.interfaces.document.v1 import document_basic_pb2 as basic_pb
 from prism.interfaces.document.v1 import document_query_pb2 as query_pb
+from prism.interfaces.document.v1 import document_search_pb2 as search_pb
 
-from plugins.runtime import docfilter, validation
+from plugins.runtime import docfilter, textsearch, validation
 
 #: request enum → docfilter accumulator name (an unknown op reaches parse_aggregate as None)
 ACCUMULATOR_NAMES = {
@@ -70,3 +73,67 @@ class AggregatePaging:
             ],
             next_page_token=token,
         )
+
+
+@dataclass(frozen=True)
+class SearchPaging:
+    """A parsed Search request: terms, fields, filter, highlight options and page position."""
+
+    query: str
+    terms: list[str]
+    fields: list[textsearch.SearchField]
+    node: docfilter.Node
+    size: int
+    #: (pre tag, post tag, snippet words), None without highlighting
+    tags: tuple[str, str, int] | None
+    kind: str
+    scope: str
+    #: (score, id) of the last hit of the previous page (None: first page)
+    after: tuple[float, str] | None
+
+    @classmethod
+    def parse(cls, request: search_pb.SearchRequest, collection: str, kind: str) -> SearchPaging:
+        terms = textsearch.query_terms(request.query)
+        fields = textsearch.search_fields([(f.path, f.weight) for f in request.fields])
+        node = docfilter.parse_filter(request.filter)
+        size = validation.page_size(request.page_size)
+        tags = None
+        if request.HasField("highlight"):
+            h = request.highlight
+            tags = textsearch.highlight_options(h.pre_tag, h.post_tag, h.snippet_words)
+        scope = docfilter.token_scope(
+            collection, request.query, [[f.name, f.weight] for f in fields], request.filter
+        )
+        after = textsearch.search_position(
+            validation.decode_page_token(request.page_token, kind, scope)
+        )
+        return cls(request.query, terms, fields, node, size, tags, kind, scope, after)
+
+    def token(self, score: float, doc_id: str) -> str:
+        """The token of the page after the hit (score, doc_id)."""
+        return validation.encode_page_token(self.kind, self.scope, [score, doc_id])
+
+    def page(
+        self,
+        candidates: Sequence[tuple[str, Any]],
+        document: Callable[[int], basic_pb.Document],
+    ) -> search_pb.SearchResponse:
+        """Rank (id, body) `candidates` by the shared rules and answer one page of hits;
+        `document(i)` is the i-th candidate as returned."""
+        ranked = textsearch.rank(candidates, self.fields, self.terms, self.query, self.after)
+        token = ""
+        if len(ranked) > self.size:
+            ranked = ranked[: self.size]
+            score, last = ranked[-1]
+            token = self.token(score, candidates[last][0])
+        hits = []
+        for score, i in ranked:
+            hit = search_pb.SearchHit(document=document(i), score=score)
+            if self.tags is not None:
+                body = candidates[i][1]
+                for name, snippet in textsearch.highlights(
+                    body, self.fields, self.terms, self.tags
+                ):
+                    hit.highlights.add(field=name, snippet=snippet)
+            hits.append(hit)
+        return search_pb.SearchResponse(hits=hits, next_page_token=token)
