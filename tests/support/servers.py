@@ -122,10 +122,13 @@ class RedisServer(ThrowawayServer):
         ]  # fmt: skip
 
 
+@dataclass
 class NatsServer(ThrowawayServer):
     """nats-server with JetStream, storing under the work dir. max_payload is raised from the
     1 MiB default to 8 MiB so messages up to the contract's 4 MiB limit fit (no flag for it:
     only a config file sets it)."""
+
+    max_payload: str = "8MB"
 
     @property
     def url(self) -> str:
@@ -134,7 +137,7 @@ class NatsServer(ThrowawayServer):
     def command(self) -> list[str]:
         binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
         config = self.workdir / "nats.conf"
-        config.write_text("max_payload: 8MB\n")
+        config.write_text(f"max_payload: {self.max_payload}\n")
         return [
             binary, "-c", str(config), "-a", "127.0.0.1", "-p", str(self.port),
             "-js", "-sd", str(self.workdir),
@@ -284,9 +287,10 @@ _KINDS: dict[str, type[ThrowawayServer]] = {
 
 
 @contextlib.contextmanager
-def throwaway(backend: str) -> Iterator[ThrowawayServer]:
+def throwaway(backend: str, **options: str) -> Iterator[ThrowawayServer]:
     """Start a private server for `backend` ("postgres", "redis", "nats", "mongodb") and remove
-    it and its data afterwards."""
+    it and its data afterwards; `options` are fields of its server class (e.g. NatsServer's
+    max_payload)."""
     if backend == "mongodb" and os.environ.get("PRISM_TEST_MONGO_URL"):
         external = ExternalMongo(name="mongodb", workdir=Path(tempfile.gettempdir()))
         external.external_url = os.environ["PRISM_TEST_MONGO_URL"]
@@ -295,7 +299,7 @@ def throwaway(backend: str) -> Iterator[ThrowawayServer]:
     if not _available(backend):
         missing(backend, f"{backend} server binary")
     workdir = Path(tempfile.mkdtemp(prefix=f"prism-{backend}-"))
-    server = _KINDS[backend](name=backend, workdir=workdir)
+    server = _KINDS[backend](name=backend, workdir=workdir, **options)
     try:
         server.prepare()
         server.start()

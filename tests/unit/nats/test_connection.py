@@ -15,6 +15,7 @@ from plugins.nats import NatsPlugin
 from plugins.nats.connection import namespace_token
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import InvalidArgument, ResourceExhausted, Unavailable
+from tests.support.servers import throwaway
 
 
 def _closed_port() -> int:
@@ -58,17 +59,23 @@ def test_memo006_prefix_and_distinct_stream_prefixes(tmp_path: Path) -> None:
     assert iot.settings.stream_prefix != default.settings.stream_prefix
 
 
-async def test_payload_over_server_max_is_resource_exhausted(plugin: NatsPlugin) -> None:
-    """The throwaway server keeps nats-server's default max_payload (1 MiB): a larger (but
-    contract-valid) payload is refused cleanly, never INTERNAL."""
-    ctx = CallContext.with_timeout("big", 5.0)
-    big = b"x" * (plugin.conn.client.max_payload + 1)
-    calls = [
-        plugin.pubsub.publish(pubsub.PublishRequest(topic="t", payload=big), ctx),
-        plugin.queue.enqueue(queue.EnqueueRequest(queue="q", payload=big), ctx),
-        plugin.streams.append(stream.AppendRequest(stream="s", payload=big), ctx),
-    ]
-    for call in calls:
-        with pytest.raises(ResourceExhausted) as refused:
-            await call
-        assert refused.value.reason == "MESSAGE_TOO_LARGE"
+async def test_payload_over_server_max_is_resource_exhausted(tmp_path: Path) -> None:
+    """A server left at nats-server's default max_payload (1 MiB) refuses a larger but
+    contract-valid payload: the plugin says RESOURCE_EXHAUSTED, never INTERNAL."""
+    with throwaway("nats", max_payload="1MB") as server:
+        plugin = NatsPlugin({"connection": server.url}, data_dir=tmp_path)
+        await plugin.start()
+        try:
+            ctx = CallContext.with_timeout("big", 5.0)
+            big = b"x" * (plugin.conn.client.max_payload + 1)
+            calls = [
+                plugin.pubsub.publish(pubsub.PublishRequest(topic="t", payload=big), ctx),
+                plugin.queue.enqueue(queue.EnqueueRequest(queue="q", payload=big), ctx),
+                plugin.streams.append(stream.AppendRequest(stream="s", payload=big), ctx),
+            ]
+            for call in calls:
+                with pytest.raises(ResourceExhausted) as refused:
+                    await call
+                assert refused.value.reason == "MESSAGE_TOO_LARGE"
+        finally:
+            await plugin.close()
