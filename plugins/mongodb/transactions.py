@@ -13,9 +13,9 @@ stays open. A transaction idle past its timeout is unknown (NOT_FOUND) and `reap
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TypeVar
 
 from prism.interfaces.keyvalue.v1 import keyvalue_transactional_pb2 as tx_pb
 from pymongo.asynchronous.client_session import AsyncClientSession
@@ -31,8 +31,6 @@ from plugins.runtime.errors import (
     FailedPrecondition,
     PrismError,
 )
-
-T = TypeVar("T")
 
 #: WriteConflict, NoSuchTransaction (the server aborted it), TransactionExceededLifetimeLimit
 _CONFLICT_CODES = frozenset({112, 251, 290})
@@ -56,7 +54,7 @@ class MongoTransactions:
         self.keyvalue = keyvalue
         self.mongo = keyvalue.mongo
         self.transactions = transactions.HeldTransactions[HeldTransaction](
-            self._release, max_open=max_transactions, backend="mongodb"
+            self._release, self._guard, max_open=max_transactions, backend="mongodb"
         )
 
     async def _release(self, txn: HeldTransaction) -> None:
@@ -74,33 +72,20 @@ class MongoTransactions:
     async def close(self) -> None:
         await self.transactions.close()
 
-    async def _in_transaction(
-        self,
-        transaction_id: str,
-        ctx: CallContext,
-        job: Callable[[AsyncClientSession], Awaitable[T]],
-        *,
-        finish: bool = False,
-        on_conflict: T | None = None,
-    ) -> T:
-        """Run `job` in the transaction (see HeldTransactions.run); a write conflict is
-        TRANSACTION_CONFLICT, reported at Commit."""
-
-        async def attempt(txn: HeldTransaction) -> T:
-            async with self.mongo.call(ctx):
-                try:
-                    return await job(txn.session)
-                except PyMongoError as exc:
-                    if not _conflict(exc):
-                        raise
-                    raise Aborted(
-                        f"conflicting concurrent write ({exc}); retry the whole transaction",
-                        reason="TRANSACTION_CONFLICT",
-                    ) from exc
-
-        return await self.transactions.run(
-            transaction_id, ctx, attempt, finish=finish, on_conflict=on_conflict
-        )
+    @contextlib.asynccontextmanager
+    async def _guard(self, ctx: CallContext) -> AsyncIterator[None]:
+        """Driver failures → PrismError; a write conflict is TRANSACTION_CONFLICT (reported at
+        Commit)."""
+        async with self.mongo.call(ctx):
+            try:
+                yield
+            except PyMongoError as exc:
+                if not _conflict(exc):
+                    raise
+                raise Aborted(
+                    f"conflicting concurrent write ({exc}); retry the whole transaction",
+                    reason="TRANSACTION_CONFLICT",
+                ) from exc
 
     async def begin_transaction(
         self, request: tx_pb.BeginTransactionRequest, ctx: CallContext
@@ -127,14 +112,14 @@ class MongoTransactions:
         value = validation.value(request.value)
         kv = self.keyvalue
 
-        async def job(session: AsyncClientSession) -> bool:
+        async def job(txn: HeldTransaction) -> bool:
             entry = kv.entry(key, value, await kv.revisions(1), None)
             await kv.kv.replace_one(
-                {"_id": kv.entry_id(ctx, key)}, entry, upsert=True, session=session
+                {"_id": kv.entry_id(ctx, key)}, entry, upsert=True, session=txn.session
             )
             return True
 
-        await self._in_transaction(request.transaction_id, ctx, job, on_conflict=False)
+        await self.transactions.run(request.transaction_id, ctx, job, on_conflict=False)
         return tx_pb.SetInTransactionResponse()
 
     async def get_in_transaction(
@@ -143,11 +128,11 @@ class MongoTransactions:
         key = validation.key(request.key)
         kv = self.keyvalue
 
-        async def job(session: AsyncClientSession) -> bytes | None:
-            doc = await kv.kv.find_one({"_id": kv.entry_id(ctx, key)}, session=session)
+        async def job(txn: HeldTransaction) -> bytes | None:
+            doc = await kv.kv.find_one({"_id": kv.entry_id(ctx, key)}, session=txn.session)
             return None if doc is None or not is_live(doc, now()) else bytes(doc["v"])
 
-        value = await self._in_transaction(request.transaction_id, ctx, job)
+        value = await self.transactions.run(request.transaction_id, ctx, job)
         if value is None:
             return tx_pb.GetInTransactionResponse(found=False)
         return tx_pb.GetInTransactionResponse(found=True, value=value)
@@ -158,20 +143,20 @@ class MongoTransactions:
         key = validation.key(request.key)
         kv = self.keyvalue
 
-        async def job(session: AsyncClientSession) -> bool:
+        async def job(txn: HeldTransaction) -> bool:
             old = await kv.kv.find_one_and_delete(
-                {"_id": kv.entry_id(ctx, key)}, {"x": 1}, session=session
+                {"_id": kv.entry_id(ctx, key)}, {"x": 1}, session=txn.session
             )
             return old is not None and is_live(old, now())
 
-        deleted = await self._in_transaction(request.transaction_id, ctx, job, on_conflict=False)
+        deleted = await self.transactions.run(request.transaction_id, ctx, job, on_conflict=False)
         return tx_pb.DeleteInTransactionResponse(deleted=deleted)
 
     async def commit(self, request: tx_pb.CommitRequest, ctx: CallContext) -> tx_pb.CommitResponse:
-        async def job(session: AsyncClientSession) -> None:
-            await session.commit_transaction()
+        async def job(txn: HeldTransaction) -> None:
+            await txn.session.commit_transaction()
 
-        await self._in_transaction(request.transaction_id, ctx, job, finish=True)
+        await self.transactions.run(request.transaction_id, ctx, job, finish=True)
         return tx_pb.CommitResponse()
 
     async def rollback(

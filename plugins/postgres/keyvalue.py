@@ -11,7 +11,8 @@ ranges are then the byte order the scan contract promises, with no LIKE and no w
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import LiteralString, TypeVar
 
@@ -106,7 +107,7 @@ class PostgresKeyValue:
     def __init__(self, db: Database, *, max_transactions: int) -> None:
         self.db = db
         self.transactions = transactions.HeldTransactions[HeldTransaction](
-            self._release, max_open=max_transactions, backend="postgres"
+            self._release, self._guard, max_open=max_transactions, backend="postgres"
         )
 
     async def _run(self, ctx: CallContext, job: Callable[[Conn], Awaitable[T]]) -> T:
@@ -447,28 +448,14 @@ class PostgresKeyValue:
     async def close(self) -> None:
         await self.transactions.close()
 
-    async def _in_transaction(
-        self,
-        transaction_id: str,
-        ctx: CallContext,
-        job: Callable[[Conn], Awaitable[T]],
-        *,
-        finish: bool = False,
-        on_conflict: T | None = None,
-    ) -> T:
-        """Run `job` on the transaction's connection (see HeldTransactions.run)."""
-
-        async def attempt(txn: HeldTransaction) -> T:
-            timeout = ctx.timeout(self.db.op_timeout)
-            try:
-                async with asyncio.timeout(timeout):
-                    return await job(txn.conn)
-            except (psycopg.Error, TimeoutError) as exc:
-                translate(exc, timeout)
-
-        return await self.transactions.run(
-            transaction_id, ctx, attempt, finish=finish, on_conflict=on_conflict
-        )
+    @contextlib.asynccontextmanager
+    async def _guard(self, ctx: CallContext) -> AsyncIterator[None]:
+        timeout = ctx.timeout(self.db.op_timeout)
+        try:
+            async with asyncio.timeout(timeout):
+                yield
+        except (psycopg.Error, TimeoutError) as exc:
+            translate(exc, timeout)
 
     async def begin_transaction(
         self, request: tx_pb.BeginTransactionRequest, ctx: CallContext
@@ -496,10 +483,10 @@ class PostgresKeyValue:
     ) -> tx_pb.SetInTransactionResponse:
         key = validation.key(request.key)
         value = validation.value(request.value)
-        await self._in_transaction(
+        await self.transactions.run(
             request.transaction_id,
             ctx,
-            lambda c: put(c, ctx.namespace, key, value, None),
+            lambda t: put(t.conn, ctx.namespace, key, value, None),
             on_conflict=0,
         )
         return tx_pb.SetInTransactionResponse()
@@ -508,8 +495,8 @@ class PostgresKeyValue:
         self, request: tx_pb.GetInTransactionRequest, ctx: CallContext
     ) -> tx_pb.GetInTransactionResponse:
         key = validation.key(request.key)
-        found = await self._in_transaction(
-            request.transaction_id, ctx, lambda c: lookup(c, ctx.namespace, key)
+        found = await self.transactions.run(
+            request.transaction_id, ctx, lambda t: lookup(t.conn, ctx.namespace, key)
         )
         if found is None:
             return tx_pb.GetInTransactionResponse(found=False)
@@ -519,14 +506,17 @@ class PostgresKeyValue:
         self, request: tx_pb.DeleteInTransactionRequest, ctx: CallContext
     ) -> tx_pb.DeleteInTransactionResponse:
         key = validation.key(request.key)
-        deleted = await self._in_transaction(
-            request.transaction_id, ctx, lambda c: remove(c, ctx.namespace, key), on_conflict=False
+        deleted = await self.transactions.run(
+            request.transaction_id,
+            ctx,
+            lambda t: remove(t.conn, ctx.namespace, key),
+            on_conflict=False,
         )
         return tx_pb.DeleteInTransactionResponse(deleted=deleted)
 
     async def commit(self, request: tx_pb.CommitRequest, ctx: CallContext) -> tx_pb.CommitResponse:
-        await self._in_transaction(
-            request.transaction_id, ctx, lambda c: c.execute("COMMIT"), finish=True
+        await self.transactions.run(
+            request.transaction_id, ctx, lambda t: t.conn.execute("COMMIT"), finish=True
         )
         return tx_pb.CommitResponse()
 

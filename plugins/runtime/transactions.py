@@ -17,6 +17,7 @@ import secrets
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -253,10 +254,19 @@ class HeldTransactions(TransactionTable[HeldT]):
     """Transactions that own a database connection or session until they end."""
 
     def __init__(
-        self, release: Callable[[HeldT], Awaitable[None]], *, max_open: int, backend: str
+        self,
+        release: Callable[[HeldT], Awaitable[None]],
+        guard: Callable[[CallContext], AbstractAsyncContextManager[object]],
+        *,
+        max_open: int,
+        backend: str,
     ) -> None:
+        """`release` gives back what a finished transaction holds (rolling back what is open);
+        `guard(ctx)` bounds an operation by the call's deadline and turns driver failures into
+        PrismError (a write conflict into TRANSACTION_CONFLICT)."""
         super().__init__()
         self._release = release
+        self._guard = guard
         self.max_open = max_open
         self.backend = backend
 
@@ -296,9 +306,9 @@ class HeldTransactions(TransactionTable[HeldT]):
         finish: bool = False,
         on_conflict: T | None = None,
     ) -> T:
-        """Run `job` in the transaction, one call at a time; `job` raises PrismError on failure.
-        A failure kills the database transaction, so it is remembered and every later call,
-        Commit included, reports it. A write given `on_conflict` answers that instead of
+        """Run `job` in the transaction under `guard`, one call at a time. A failure kills the
+        database transaction, so it is remembered and every later call, Commit included,
+        reports it. A write given `on_conflict` answers that instead of
         TRANSACTION_CONFLICT: the contract reports conflicts at Commit, which will fail.
         `finish` ends the transaction afterwards, whatever happened."""
         txn = self.get(transaction_id, ctx)
@@ -308,7 +318,8 @@ class HeldTransactions(TransactionTable[HeldT]):
                 if txn.failure is not None:
                     raise txn.failure
                 try:
-                    result = await job(txn)
+                    async with self._guard(ctx):
+                        result = await job(txn)
                 except PrismError as err:
                     txn.failure = err
                     if on_conflict is not None and err.reason == "TRANSACTION_CONFLICT":
