@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
@@ -18,10 +17,9 @@ from enum import Enum
 
 from prism.interfaces.pubsub.v1 import pubsub_basic_pb2 as basic
 
-from plugins.runtime import validation
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import ResourceExhausted
-from plugins.runtime.pubsub import MatchingSubscriptions, subscription_not_found
+from plugins.runtime.pubsub import MatchingSubscriptions, new_message, subscription_not_found
 
 MAX_PENDING = 10_000
 
@@ -93,17 +91,8 @@ class MemstorePubSub(MatchingSubscriptions):
     async def publish(
         self, request: basic.PublishRequest, ctx: CallContext
     ) -> basic.PublishResponse:
-        topic = validation.topic(request.topic)
-        validation.value(request.payload, "payload")
-        attributes = validation.attributes(request.attributes)
-        message = basic.Message(
-            message_id=secrets.token_urlsafe(16),
-            topic=topic,
-            payload=request.payload,
-            attributes=attributes,
-        )
-        message.publish_time.FromNanoseconds(time.time_ns())
-        tokens = topic.split(".")
+        message = new_message(request.topic, request.payload, request.attributes)
+        tokens = message.topic.split(".")
         for sub in self._by_namespace.get(ctx.namespace, ()):
             if sub.matches(tokens):
                 sub.offer(message)

@@ -33,12 +33,13 @@ from prism.interfaces.pubsub.v1 import pubsub_basic_pb2 as basic_pb
 from prism.interfaces.pubsub.v1 import pubsub_persistent_pb2 as persistent_pb
 
 from plugins.nats.connection import Names, NatsConnection, namespace_token
-from plugins.nats.pubsub import NatsPubSub, checked_message
+from plugins.nats.pubsub import NatsPubSub
 from plugins.nats.stream import BATCH, JetStreams
 from plugins.nats.subscriptions import Subscription, Subscriptions
 from plugins.runtime import validation
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from plugins.runtime.pubsub import new_message
 
 KIND = "pp"
 DEFAULT_MAX_AGE_SECONDS = 7 * 24 * 3600.0
@@ -81,7 +82,7 @@ class NatsPersistent:
     async def publish_persistent(
         self, request: persistent_pb.PublishPersistentRequest, ctx: CallContext
     ) -> persistent_pb.PublishPersistentResponse:
-        message = checked_message(request.topic, request.payload, request.attributes)
+        message = new_message(request.topic, request.payload, request.attributes)
         stream, subject = self._log(ctx, message.topic)
         sequence = await self.jetstreams.publish(
             ctx, stream, subject, message.SerializeToString(), **self._log_config(ctx)

@@ -16,9 +16,7 @@ RESOURCE_EXHAUSTED (SLOW_SUBSCRIBER); if the connection drops, with UNAVAILABLE.
 
 from __future__ import annotations
 
-import secrets
-import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 import nats.errors
@@ -35,6 +33,7 @@ from plugins.nats.subscriptions import MAX_BACKLOG, Subscription, Subscriptions
 from plugins.runtime import validation
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import ResourceExhausted
+from plugins.runtime.pubsub import new_message
 
 LIVE = "ps"
 Event = TypeVar(
@@ -44,18 +43,6 @@ Event = TypeVar(
     filtering_pb.SubscribeFilteredResponse,
 )
 Wanted = Callable[[basic_pb.Message], bool]
-
-
-def checked_message(topic: str, payload: bytes, attributes: Mapping[str, str]) -> basic_pb.Message:
-    """A new message from the fields of a Publish-like request, after the shared input rules."""
-    message = basic_pb.Message(
-        message_id=secrets.token_urlsafe(16),
-        topic=validation.topic(topic),
-        payload=validation.value(payload, "payload"),
-        attributes=validation.attributes(attributes),
-    )
-    message.publish_time.FromNanoseconds(time.time_ns())
-    return message
 
 
 class NatsPubSub:
@@ -85,14 +72,14 @@ class NatsPubSub:
     async def publish(
         self, request: basic_pb.PublishRequest, ctx: CallContext
     ) -> basic_pb.PublishResponse:
-        message = checked_message(request.topic, request.payload, request.attributes)
+        message = new_message(request.topic, request.payload, request.attributes)
         await self.publish_live(ctx, message)
         return basic_pb.PublishResponse(message_id=message.message_id)
 
     async def publish_ordered(
         self, request: ordering_pb.PublishOrderedRequest, ctx: CallContext
     ) -> ordering_pb.PublishOrderedResponse:
-        message = checked_message(request.topic, request.payload, request.attributes)
+        message = new_message(request.topic, request.payload, request.attributes)
         message.ordering_key = validation.ordering_key(request.ordering_key)
         await self.publish_live(ctx, message)
         return ordering_pb.PublishOrderedResponse(message_id=message.message_id)

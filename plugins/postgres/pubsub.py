@@ -26,7 +26,6 @@ import contextlib
 import json
 import logging
 import secrets
-import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
@@ -35,10 +34,9 @@ from google.protobuf.message import DecodeError
 from prism.interfaces.pubsub.v1 import pubsub_basic_pb2 as basic_pb
 
 from plugins.postgres.db import Conn, Database, unavailable
-from plugins.runtime import validation
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import PrismError, ResourceExhausted
-from plugins.runtime.pubsub import MatchingSubscriptions, subscription_not_found
+from plugins.runtime.pubsub import MatchingSubscriptions, new_message, subscription_not_found
 
 log = logging.getLogger(__name__)
 
@@ -187,16 +185,7 @@ class PostgresPubSub(MatchingSubscriptions):
     async def publish(
         self, request: basic_pb.PublishRequest, ctx: CallContext
     ) -> basic_pb.PublishResponse:
-        topic = validation.topic(request.topic)
-        validation.value(request.payload, "payload")
-        attributes = validation.attributes(request.attributes)
-        message = basic_pb.Message(
-            message_id=secrets.token_urlsafe(16),
-            topic=topic,
-            payload=request.payload,
-            attributes=attributes,
-        )
-        message.publish_time.FromNanoseconds(time.time_ns())
+        message = new_message(request.topic, request.payload, request.attributes)
         raw = message.SerializeToString()
         inline = json.dumps({"ns": ctx.namespace, "m": base64.b64encode(raw).decode("ascii")})
         async with self.db.connection(ctx) as conn:

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import re
 import secrets
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -37,7 +36,7 @@ from plugins.redis.keys import Keyspace
 from plugins.runtime import validation
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import ResourceExhausted, Unavailable
-from plugins.runtime.pubsub import subscription_not_found
+from plugins.runtime.pubsub import new_message, subscription_not_found
 
 MAX_BACKLOG = 10_000
 EventT = TypeVar("EventT", basic_pb.SubscribeResponse, wildcards_pb.SubscribePatternResponse)
@@ -87,17 +86,8 @@ class RedisPubSub:
     async def publish(
         self, request: basic_pb.PublishRequest, ctx: CallContext
     ) -> basic_pb.PublishResponse:
-        topic = validation.topic(request.topic)
-        payload = validation.value(request.payload, "payload")
-        attributes = validation.attributes(request.attributes)
-        message = basic_pb.Message(
-            message_id=secrets.token_urlsafe(16),
-            topic=topic,
-            payload=payload,
-            attributes=attributes,
-        )
-        message.publish_time.FromNanoseconds(time.time_ns())
-        channel = self._channel_prefix(ctx) + topic.encode("ascii")
+        message = new_message(request.topic, request.payload, request.attributes)
+        channel = self._channel_prefix(ctx) + message.topic.encode("ascii")
         body = message.SerializeToString()
         await self.conn.run(ctx, lambda r: r.publish(channel, body))
         return basic_pb.PublishResponse(message_id=message.message_id)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import secrets
+import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import TypeVar
 
 from prism.interfaces.pubsub.v1 import pubsub_basic_pb2 as basic_pb
@@ -21,6 +23,18 @@ from plugins.runtime.context import CallContext
 from plugins.runtime.errors import NotFound
 
 EventT = TypeVar("EventT", basic_pb.SubscribeResponse, wildcards_pb.SubscribePatternResponse)
+
+
+def new_message(topic: str, payload: bytes, attributes: Mapping[str, str]) -> basic_pb.Message:
+    """A new message from the fields of a Publish-like request, after the shared input rules."""
+    message = basic_pb.Message(
+        message_id=secrets.token_urlsafe(16),
+        topic=validation.topic(topic),
+        payload=validation.value(payload, "payload"),
+        attributes=validation.attributes(attributes),
+    )
+    message.publish_time.FromNanoseconds(time.time_ns())
+    return message
 
 
 def subscription_not_found(subscription_id: str) -> NotFound:
