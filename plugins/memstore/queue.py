@@ -18,7 +18,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from prism.interfaces.queue.v1 import queue_basic_pb2 as basic
 from prism.interfaces.queue.v1 import queue_dead_letter_pb2 as dead_letter
@@ -207,15 +206,11 @@ class MemstoreQueues:
     async def _dequeue(
         self,
         ctx: CallContext,
-        name: str,
-        count: int,
-        wait_duration: Duration,
-        wait_present: bool,
+        request: basic.DequeueRequest | visibility.DequeueWithTimeoutRequest,
         lease: float,
     ) -> list[basic.Message]:
+        name, count, wait = validation.dequeue(request)
         q = self._queue(ctx.namespace, name)
-        count = validation.max_messages(count)
-        wait = validation.wait_time(wait_duration, wait_present)
         remaining = ctx.time_remaining()
         deadline = time.monotonic() + (wait if remaining is None else min(wait, remaining))
         while True:
@@ -250,14 +245,7 @@ class MemstoreQueues:
     async def dequeue(
         self, request: basic.DequeueRequest, ctx: CallContext
     ) -> basic.DequeueResponse:
-        messages = await self._dequeue(
-            ctx,
-            request.queue,
-            request.max_messages,
-            request.wait_time,
-            request.HasField("wait_time"),
-            DEFAULT_VISIBILITY,
-        )
+        messages = await self._dequeue(ctx, request, DEFAULT_VISIBILITY)
         return basic.DequeueResponse(messages=messages)
 
     async def peek(self, request: basic.PeekRequest, ctx: CallContext) -> basic.PeekResponse:
@@ -278,14 +266,7 @@ class MemstoreQueues:
         self, request: visibility.DequeueWithTimeoutRequest, ctx: CallContext
     ) -> visibility.DequeueWithTimeoutResponse:
         lease = validation.lease(request)
-        messages = await self._dequeue(
-            ctx,
-            request.queue,
-            request.max_messages,
-            request.wait_time,
-            request.HasField("wait_time"),
-            lease,
-        )
+        messages = await self._dequeue(ctx, request, lease)
         return visibility.DequeueWithTimeoutResponse(messages=messages)
 
     async def extend_visibility(
