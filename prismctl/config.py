@@ -29,6 +29,7 @@ __all__ = [
     "NamespaceConfig",
     "RateLimitConfig",
     "RateRule",
+    "SecurityConfig",
     "SlotConfig",
     "duplicate_namespaces",
     "load_config",
@@ -69,6 +70,14 @@ CONFIG_RULES: dict[str, str] = {
 #: what a `rate_limits.store` must offer: buckets are read-modify-written with CAS, and expire
 #: when idle if the backend has TTLs
 RATE_LIMIT_STORE_INTERFACES = (["keyvalue_basic", "keyvalue_cas"], ["keyvalue_ttl"])
+#: what the `security:` slots must offer: API keys are listed by prefix; the audit log is
+#: queried with filters, sorted and paginated
+SECURITY_STORE_INTERFACES = {
+    "keys": ["keyvalue_basic", "keyvalue_scan"],
+    "audit": ["document_basic", "document_query"],
+}
+#: where the `security:` slots go when not configured: SQLite in the data directory
+DEFAULT_SECURITY_SLOT = {"backend": "sqlite", "config": {"connection": "sqlite:///prism.db"}}
 
 
 @dataclass(frozen=True)
@@ -113,11 +122,22 @@ class RateLimitConfig:
     rules: list[RateRule]
 
 
+@dataclass(frozen=True)
+class SecurityConfig:
+    """Slots for API keys and the audit log (defaults filled in: SQLite in the data dir)."""
+
+    keys: SlotConfig
+    audit: SlotConfig
+    audit_retention_days: float = 90.0
+
+
 @dataclass
 class ConfigResult:
     source: str
     namespaces: list[NamespaceConfig] = field(default_factory=list)
     rate_limits: RateLimitConfig | None = None
+    #: None only when the config has errors
+    security: SecurityConfig | None = None
     diagnostics: list[Diagnostic] = field(default_factory=list)
     #: the file could not be read at all (exit code 3 rather than 1)
     io_error: bool = False
@@ -197,6 +217,9 @@ def _validate(src: Source, registry: Registry) -> ConfigResult:
     limits = src.data.get("rate_limits")
     if limits is not None and not any(p[:1] == ("rate_limits",) for p, _ in findings):
         result.rate_limits = _check_rate_limits(src, registry, limits, result.diagnostics)
+    if not any(p[:1] == ("security",) for p, _ in findings):
+        security = src.data.get("security") or {}
+        result.security = _check_security(src, registry, security, result.diagnostics)
     result.diagnostics.extend(duplicate_namespaces([result]))
     result.diagnostics.sort(key=lambda d: (d.line, d.col))
     return result
@@ -257,23 +280,52 @@ def _check_namespace(
     )
 
 
-def _check_rate_limits(
-    src: Source, reg: Registry, data: dict[str, Any], diags: list[Diagnostic]
-) -> RateLimitConfig:
-    path: PathKey = ("rate_limits", "store")
-    required, optional = RATE_LIMIT_STORE_INTERFACES
-    name = "rate_limits.store"
+def _server_slot(
+    src: Source,
+    reg: Registry,
+    path: PathKey,
+    data: dict[str, Any],
+    interfaces: tuple[list[str], list[str]],
+    diags: list[Diagnostic],
+) -> SlotConfig:
+    """A server-level slot (not a pattern's), checked like any pattern slot."""
+    name = ".".join(str(p) for p in path)
     spec = SlotSpec(
         name=name,
-        description="rate-limit token buckets",
-        required_interfaces=required,
-        optional_interfaces=optional,
+        description=name,
+        required_interfaces=interfaces[0],
+        optional_interfaces=interfaces[1],
         recommended_backends=[],
         optional=False,
         location=src.key_at(path),
         recommended_locations={},
     )
-    store = _check_slot(src, reg, path, name, data["store"], spec, diags)
+    return _check_slot(src, reg, path, name, data, spec, diags)
+
+
+def _check_security(
+    src: Source, reg: Registry, data: dict[str, Any], diags: list[Diagnostic]
+) -> SecurityConfig:
+    keys, audit = (
+        _server_slot(
+            src,
+            reg,
+            ("security", part),
+            data.get(part, DEFAULT_SECURITY_SLOT),
+            (SECURITY_STORE_INTERFACES[part], []),
+            diags,
+        )
+        for part in ("keys", "audit")
+    )
+    return SecurityConfig(keys, audit, float(data.get("audit_retention_days", 90.0)))
+
+
+def _check_rate_limits(
+    src: Source, reg: Registry, data: dict[str, Any], diags: list[Diagnostic]
+) -> RateLimitConfig:
+    store = _server_slot(
+        src, reg, ("rate_limits", "store"), data["store"], RATE_LIMIT_STORE_INTERFACES, diags
+    )
     rules = [RateRule(r["method"], float(r["rate"]), int(r["burst"])) for r in data["rules"]]
     return RateLimitConfig(store, rules)
 

@@ -7,6 +7,7 @@ finding refuses the start (ConfigError carries them). Tests and embedders bind p
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
@@ -17,18 +18,31 @@ from typing import Any, cast
 import grpc
 import grpc.aio
 import yaml
-from prism.contracts.keyvalue import KeyValueBasic, KeyValueCAS, KeyValueTTL
+from prism.admin.v1 import key_admin_pb2
+from prism.contracts.document import DocumentBasic, DocumentQuery
+from prism.contracts.keyvalue import KeyValueBasic, KeyValueCAS, KeyValueScan, KeyValueTTL
 
-from plugins.runtime.serving import Check, HealthMonitor, enable_reflection, new_server
+from plugins.runtime.grpc_adapter import Target, service_handler
+from plugins.runtime.serving import (
+    NOT_SERVING,
+    SERVING,
+    Check,
+    HealthMonitor,
+    enable_reflection,
+    new_server,
+)
 from prismctl.config import (
     ConfigResult,
     Diagnostic,
     RateLimitConfig,
+    SecurityConfig,
     load_config,
     validate_config_data,
 )
 from prismctl.diagnostics import has_errors
 from prismctl.registry import Registry, load_registry
+from server import audit as audit_log
+from server import auth
 from server.binding import Binder, BindError, SlotBinding
 from server.crypto import Keyring
 from server.patterns import BoundNamespace, executor_for
@@ -40,6 +54,11 @@ from server.tls import ServerTLS, add_port
 DEFAULT_LISTEN = "127.0.0.1:50051"
 log = logging.getLogger("prism.server")
 EMBEDDED_SOURCE = "<embedded default config>"
+#: health services a client reads to learn the security state: `prism.auth` is NOT_SERVING
+#: while authentication is off; `prism.audit` NOT_SERVING once audit entries were dropped
+AUTH_HEALTH = "prism.auth"
+AUDIT_HEALTH = "prism.audit"
+ADMIN_SERVICE = key_admin_pb2.DESCRIPTOR.services_by_name["KeyAdminService"]
 
 
 def embedded_default() -> dict[str, Any]:
@@ -99,6 +118,10 @@ class ServerOptions:
     keyring: Keyring | None = None
     #: serve TLS (and require client certificates when it names a client CA); None: plaintext
     tls: ServerTLS | None = None
+    #: require an API key on every call but health and reflection (False: `--no-auth`)
+    auth: bool = True
+    #: how often expired audit entries are purged
+    audit_purge_interval: float = 3600.0
 
 
 def check_config(options: ServerOptions, registry: Registry) -> ConfigResult:
@@ -121,6 +144,7 @@ class PrismServer:
         health: HealthMonitor,
         router: Router,
         grace: float,
+        security: Security,
         rate_limiter: RateLimitInterceptor | None = None,
     ) -> None:
         self.server = server
@@ -133,6 +157,13 @@ class PrismServer:
         self.data_dir = binder.data_dir
         #: None when the config has no `rate_limits:` (no interceptor at all)
         self.rate_limiter = rate_limiter
+        self.security = security
+        #: the bootstrap admin key made by this start (shown once), else None
+        self.bootstrap_key = security.bootstrap_key
+
+    @property
+    def auth(self) -> bool:
+        return self.security.enforced
 
     @property
     def services(self) -> list[str]:
@@ -140,7 +171,16 @@ class PrismServer:
 
     async def start(self) -> None:
         await self.health.start()
+        await self.health.servicer.set(AUTH_HEALTH, SERVING if self.auth else NOT_SERVING)
+        await self.health.servicer.set(AUDIT_HEALTH, SERVING)
+        self.security.audit.start(self._audit_dropped)
         await self.server.start()
+
+    def _audit_dropped(self) -> None:
+        """Called on the first dropped audit entry: health tells from then on."""
+        task = asyncio.create_task(self.health.servicer.set(AUDIT_HEALTH, NOT_SERVING))
+        self.security.tasks.add(task)
+        task.add_done_callback(self.security.tasks.discard)
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING first (so balancers drain), then finish in-flight calls, then close
@@ -204,13 +244,18 @@ async def _assemble(
                 checks.setdefault(slots[slot_name].check, set()).add(item.service.full_name)
     for check, services in checks.items():
         health.watch(sorted(services), check)
+    assert result.security is not None  # the config has no errors
+    security = await _security(result.security, binder, options)
     limiter = (
         None if result.rate_limits is None else await _rate_limiter(result.rate_limits, binder)
     )
-    server = new_server() if limiter is None else new_server(limiter)
+    interceptors = [security.interceptor] if limiter is None else [security.interceptor, limiter]
+    server = new_server(*interceptors)
     server.add_generic_rpc_handlers(tuple(router.handlers()))
+    admin = Target("", security.admin, {})
+    server.add_generic_rpc_handlers((service_handler(ADMIN_SERVICE, lambda _: admin),))
     health.add_to_server(server)
-    enable_reflection(server, router.services)
+    enable_reflection(server, [*router.services, ADMIN_SERVICE.full_name])
     host = options.listen.rpartition(":")[0]
     try:
         port = add_port(server, options.listen, credentials)
@@ -219,7 +264,52 @@ async def _assemble(
             await server.stop(None)
         reason = str(exc).split(";")[0]
         raise StartupError(f"cannot listen on {options.listen}: {reason}") from None
-    return PrismServer(server, port, host, binder, health, router, options.grace, limiter)
+    return PrismServer(server, port, host, binder, health, router, options.grace, security, limiter)
+
+
+@dataclass
+class Security:
+    """API keys, the audit log and the interceptor enforcing them."""
+
+    enforced: bool
+    keys: auth.KeyStore
+    audit: audit_log.AuditLog
+    interceptor: auth.AuthInterceptor
+    admin: auth.KeyAdmin
+    bootstrap_key: str | None
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+async def _security(config: SecurityConfig, binder: Binder, options: ServerOptions) -> Security:
+    """Bind the `security:` slots (SQLite in the data dir unless configured); on a secured
+    server with no admin key yet, make the bootstrap key."""
+    try:
+        keys_slot = await binder.bind(auth.NAMESPACE, config.keys)
+        audit_slot = await binder.bind(audit_log.NAMESPACE, config.audit)
+        keys = auth.KeyStore(
+            cast(KeyValueBasic, keys_slot.implementations["keyvalue_basic"]),
+            cast(KeyValueScan, keys_slot.implementations["keyvalue_scan"]),
+        )
+        log_ = audit_log.AuditLog(
+            cast(DocumentBasic, audit_slot.implementations["document_basic"]),
+            cast(DocumentQuery, audit_slot.implementations["document_query"]),
+            config.audit_retention_days,
+            options.audit_purge_interval,
+        )
+        binder.closers.append([log_.close, keys.close])
+        bootstrap = await auth.bootstrap_key(keys) if options.auth else None
+    except BindError as exc:
+        raise StartupError(f"security: {exc}") from None
+    except Exception as exc:  # the key store cannot be read
+        raise StartupError(f"security: cannot read API keys: {exc}") from None
+    return Security(
+        enforced=options.auth,
+        keys=keys,
+        audit=log_,
+        interceptor=auth.AuthInterceptor(keys if options.auth else None, log_),
+        admin=auth.KeyAdmin(keys, log_, options.auth),
+        bootstrap_key=bootstrap,
+    )
 
 
 async def _rate_limiter(config: RateLimitConfig, binder: Binder) -> RateLimitInterceptor:

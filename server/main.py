@@ -1,7 +1,11 @@
 """`prism-server [--config FILE] [--listen HOST:PORT] [--data-dir DIR] [--keyring FILE]
-[--tls-cert FILE --tls-key FILE [--tls-client-ca FILE]]` (env PRISM_CONFIG, PRISM_LISTEN,
-PRISM_DATA_DIR, PRISM_KEYRING or PRISM_ENCRYPTION_KEYS, PRISM_TLS_CERT, PRISM_TLS_KEY,
-PRISM_TLS_CLIENT_CA). Exit codes: 0 clean shutdown, 1 config findings, 2 usage (including a
+[--tls-cert FILE --tls-key FILE [--tls-client-ca FILE]] [--no-auth]` (env PRISM_CONFIG,
+PRISM_LISTEN, PRISM_DATA_DIR, PRISM_KEYRING or PRISM_ENCRYPTION_KEYS, PRISM_TLS_CERT,
+PRISM_TLS_KEY, PRISM_TLS_CLIENT_CA, PRISM_NO_AUTH=1).
+
+Every call but health and reflection needs an API key unless --no-auth. The first secured start
+without an admin key in the store prints a bootstrap admin key once, on stdout, before the
+`listening on` line. Exit codes: 0 clean shutdown, 1 config findings, 2 usage (including a
 certificate or key with wrong content), 3 cannot start (invalid registry, bind failure,
 unreachable backend or sidecar, unreadable certificate file, unusable keyring, a secret vault
 without a keyring)."""
@@ -62,6 +66,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=Path(env_keyring) if env_keyring else None,
         help="encryption-at-rest keyring file (env PRISM_KEYRING; else env PRISM_ENCRYPTION_KEYS)",
     )
+    parser.add_argument(
+        "--no-auth",
+        action="store_true",
+        default=os.environ.get("PRISM_NO_AUTH", "") not in ("", "0"),
+        help="serve without API keys, for local development only (env PRISM_NO_AUTH=1)",
+    )
     add_tls_arguments(parser, "PRISM_")
     args = parser.parse_args(argv)
     args.tls = server_tls_from_args(parser, args)
@@ -75,6 +85,7 @@ async def serve(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         keyring=configured_keyring(args.keyring, os.environ),
         tls=args.tls,
+        auth=not args.no_auth,
     )
     stopping = asyncio.Event()
     on_shutdown_signals(stopping.set)  # before anyone can learn the address and signal us
@@ -89,6 +100,17 @@ async def serve(args: argparse.Namespace) -> int:
     if args.tls is not None:
         mtls = "" if args.tls.client_ca is None else ", client certificates required (mTLS)"
         print(f"prism-server: TLS with {args.tls.cert}{mtls}", flush=True)
+    if not server.auth:
+        print(
+            "prism-server: WARNING: authentication is OFF (--no-auth): anyone who can reach "
+            f"{server.address} can read and change everything; health service "
+            "'prism.auth' reports NOT_SERVING",
+            file=sys.stderr,
+            flush=True,
+        )
+    if server.bootstrap_key is not None:
+        print(f"prism-server: bootstrap admin key (shown once, store it now): "
+              f"{server.bootstrap_key}", flush=True)  # fmt: skip
     print(f"prism-server listening on {server.address}", flush=True)
     await stopping.wait()
     await server.stop()

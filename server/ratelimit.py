@@ -38,6 +38,7 @@ from plugins.runtime.context import CallContext
 from plugins.runtime.errors import Aborted, AlreadyExists, ResourceExhausted
 from plugins.runtime.grpc_adapter import abort, current_request_id
 from prismctl.config import RateRule
+from server.auth import current_identity
 
 log = logging.getLogger("prism.ratelimit")
 
@@ -59,9 +60,12 @@ _STATE = struct.Struct("<dd")  # tokens, unix time of that count
 
 
 def identity(context: Context) -> str:
-    """Who a call is counted against: the client certificate's subject under mTLS, else the
-    peer's host (all connections of one client host share a bucket). The one place to change
-    when API keys arrive: their key id goes first."""
+    """Who a call is counted against: its API key (set by the auth interceptor, which runs
+    first), else the client certificate's subject under mTLS, else the peer's host (all
+    connections of one client host share a bucket)."""
+    key = current_identity.get()
+    if key is not None:
+        return key.name
     auth = context.auth_context()
     subject = list(auth.get("x509_subject") or auth.get("x509_common_name") or ())
     if subject:

@@ -67,9 +67,11 @@ async def running_server(
     registry: Registry | None = None,
     health_interval: float = 1.0,
     keyring: Keyring | None = None,
+    auth: bool = False,
 ) -> AsyncIterator[PrismServer]:
     """A started in-process server on 127.0.0.1:0 (None config = the embedded default);
-    stopped, plugins closed, at exit."""
+    stopped, plugins closed, at exit. Authentication is off unless `auth` (its tests opt in;
+    `server.bootstrap_key` is then the admin key)."""
     server = await create_server(
         ServerOptions(
             listen="127.0.0.1:0",
@@ -78,6 +80,7 @@ async def running_server(
             registry=registry,
             health_interval=health_interval,
             keyring=keyring,
+            auth=auth,
         )
     )
     try:

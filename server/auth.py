@@ -1,0 +1,555 @@
+"""API keys and the authentication interceptor.
+
+A key is `prism_<key id>_<secret>`: the id (16 hex characters) finds the record, the secret is
+checked against a salted scrypt hash of it. Only the hash is stored (in the `security` store
+slot: keyvalue_basic + keyvalue_scan), so the full key is shown once, at creation.
+
+Hot path: scrypt costs tens of milliseconds on purpose, so a secret that verified once is
+remembered in process (as a SHA-256 of the secret, compared in constant time) and later calls
+cost one dictionary lookup. The record itself (revoked, expiry, roles) is re-read from the store
+at most every `refresh` seconds (default 2), so a revocation on any replica takes effect
+everywhere within that time; on the replica that revoked it, at once.
+
+The interceptor runs after the request-id one and before rate limits: it puts the caller's
+identity in `current_identity` (what rate limits count against and the audit log records), and
+records every mutating or denied call in the audit log (server/audit.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, TypeAlias
+
+import grpc
+import grpc.aio
+from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
+from prism.admin.v1 import key_admin_pb2 as pb
+from prism.contracts.keyvalue import KeyValueBasic, KeyValueScan
+from prism.interfaces.keyvalue.v1 import keyvalue_basic_pb2 as kv_pb
+from prism.interfaces.keyvalue.v1 import keyvalue_scan_pb2 as scan_pb
+
+from plugins.runtime import errors
+from plugins.runtime.context import CallContext
+from plugins.runtime.grpc_adapter import NAMESPACE_HEADER, abort, current_request_id
+from server.audit import AuditLog, AuditRecord
+
+log = logging.getLogger("prism.auth")
+
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+
+#: the namespace key records live in, inside the security store slot
+NAMESPACE = "prism-security"
+AUTH_HEADER = "authorization"
+KEY_PATTERN = re.compile(r"prism_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
+#: probes and tooling stay open (and are not audited)
+OPEN_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+#: RPC names starting with one of these only read; every other RPC is a mutation and audited
+READ_ONLY_PREFIXES = (
+    "Get", "List", "Find", "Count", "Search", "Scan", "Exists", "Peek", "Read", "Describe",
+    "Aggregate", "Subscribe", "Watch", "Query", "Resolve", "Export", "Replay", "BatchGet",
+)  # fmt: skip
+#: denied calls are audited even when the RPC only reads
+DENIED = frozenset(
+    {
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+#: request fields naming the resource a call acts on, first present wins
+RESOURCE_FIELDS = ("key", "id", "name", "slug", "collection", "queue", "topic", "stream")
+SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+STORE_TIMEOUT = 5.0
+LAST_USED_EVERY = 60.0
+ROLE_NAMES = {v.number: v.name.removeprefix("ROLE_").lower() for v in pb.Role.DESCRIPTOR.values}
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who an authenticated call comes from."""
+
+    key_id: str
+    owner: str
+    organization: str
+    roles: tuple[str, ...]
+    scopes: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"key:{self.key_id}"
+
+
+#: the caller of the call being handled; None when unauthenticated (auth off, or denied)
+current_identity: ContextVar[Identity | None] = ContextVar("prism_identity", default=None)
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """What the store holds for a key: metadata plus the salted hash of its secret."""
+
+    id: str
+    name: str
+    owner: str
+    organization: str
+    roles: list[str]
+    scopes: list[str]
+    created: float
+    expires: float | None
+    revoked: float | None
+    salt: str
+    hash: str
+    kdf: dict[str, int] = field(default_factory=lambda: dict(SCRYPT))
+
+    def identity(self) -> Identity:
+        return Identity(
+            self.id, self.owner, self.organization, tuple(self.roles), tuple(self.scopes)
+        )
+
+    def to_proto(self, last_used: float | None) -> pb.ApiKey:
+        key = pb.ApiKey(
+            id=self.id,
+            name=self.name,
+            owner=self.owner,
+            organization=self.organization,
+            roles=[pb.Role.Value("ROLE_" + r.upper()) for r in self.roles],
+            scopes=self.scopes,
+            create_time=_timestamp(self.created),
+        )
+        for name, value in (
+            ("expire_time", self.expires),
+            ("revoke_time", self.revoked),
+            ("last_used_time", last_used),
+        ):
+            if value is not None:
+                getattr(key, name).CopyFrom(_timestamp(value))
+        return key
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(round(seconds * 1e9))
+    return ts
+
+
+def hash_secret(secret: str, salt: bytes, kdf: dict[str, int]) -> bytes:
+    """scrypt: memory-hard, so a leaked store does not give keys away to brute force."""
+    return hashlib.scrypt(
+        secret.encode(), salt=salt, n=kdf["n"], r=kdf["r"], p=kdf["p"], maxmem=64 * 1024 * 1024
+    )
+
+
+def _unauthenticated(reason: str, message: str) -> errors.PrismError:
+    return errors.Unauthenticated(message, reason=reason)
+
+
+class KeyStore:
+    """Key records in a KV slot: `key/<id>` holds the record (JSON), `used/<id>` the last-used
+    time, apart so that recording use never overwrites a revocation."""
+
+    def __init__(self, basic: KeyValueBasic, scan: KeyValueScan, refresh: float = 2.0) -> None:
+        self.basic = basic
+        self.scan = scan
+        self.refresh = refresh
+        #: key id → (record or None for unknown, monotonic time read)
+        self._records: dict[str, tuple[KeyRecord | None, float]] = {}
+        #: key id → SHA-256 of the secret that verified against the stored hash
+        self._verified: dict[str, bytes] = {}
+        self._used_written: dict[str, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @staticmethod
+    def _ctx() -> CallContext:
+        return CallContext.with_timeout(NAMESPACE, STORE_TIMEOUT)
+
+    async def get(self, key_id: str) -> KeyRecord | None:
+        got = await self.basic.get(kv_pb.GetRequest(key=f"key/{key_id}"), self._ctx())
+        return KeyRecord(**json.loads(got.value)) if got.found else None
+
+    async def put(self, record: KeyRecord) -> None:
+        value = json.dumps(asdict(record)).encode()
+        await self.basic.set(kv_pb.SetRequest(key=f"key/{record.id}", value=value), self._ctx())
+        self._records[record.id] = (record, time.monotonic())
+
+    async def last_used(self, key_id: str) -> float | None:
+        got = await self.basic.get(kv_pb.GetRequest(key=f"used/{key_id}"), self._ctx())
+        return float(got.value) if got.found else None
+
+    async def page(self, size: int, token: str) -> tuple[list[KeyRecord], str]:
+        request = scan_pb.ScanRequest(prefix="key/", page_size=size, page_token=token)
+        got = await self.scan.scan(request, self._ctx())
+        return [KeyRecord(**json.loads(e.value)) for e in got.entries], got.next_page_token
+
+    async def all(self) -> AsyncIterator[KeyRecord]:
+        token = ""
+        while True:
+            records, token = await self.page(500, token)
+            for record in records:
+                yield record
+            if not token:
+                return
+
+    async def create(
+        self,
+        name: str,
+        owner: str,
+        organization: str,
+        roles: list[str],
+        scopes: list[str],
+        expires: float | None,
+    ) -> tuple[KeyRecord, str]:
+        """A new key: (its record, the full key — never stored, shown once)."""
+        key_id = secrets.token_hex(8)
+        secret = secrets.token_urlsafe(32)
+        salt = secrets.token_bytes(16)
+        digest = await asyncio.to_thread(hash_secret, secret, salt, SCRYPT)
+        record = KeyRecord(
+            id=key_id,
+            name=name,
+            owner=owner,
+            organization=organization,
+            roles=roles,
+            scopes=scopes,
+            created=time.time(),
+            expires=expires,
+            revoked=None,
+            salt=salt.hex(),
+            hash=digest.hex(),
+        )
+        await self.put(record)
+        return record, f"prism_{key_id}_{secret}"
+
+    async def revoke(self, key_id: str) -> KeyRecord:
+        record = await self.get(key_id)
+        if record is None:
+            raise errors.NotFound(f"no API key '{key_id}'", reason="KEY_NOT_FOUND", id=key_id)
+        if record.revoked is None:
+            record = replace(record, revoked=time.time())
+            await self.put(record)
+        self._verified.pop(key_id, None)
+        return record
+
+    async def _cached(self, key_id: str) -> KeyRecord | None:
+        now = time.monotonic()
+        hit = self._records.get(key_id)
+        if hit is not None and now - hit[1] < self.refresh:
+            return hit[0]
+        record = await self.get(key_id)
+        if len(self._records) >= 10_000:
+            self._records.clear()
+        self._records[key_id] = (record, now)
+        return record
+
+    async def verify(self, header: str) -> Identity:
+        """The identity behind an `authorization` header value, or Unauthenticated."""
+        scheme, _, token = header.strip().partition(" ")
+        match = KEY_PATTERN.fullmatch(token.strip()) if scheme.lower() == "bearer" else None
+        if match is None:
+            raise _unauthenticated(
+                "MALFORMED_CREDENTIALS",
+                "the authorization metadata must be 'Bearer prism_<key id>_<secret>'",
+            )
+        key_id, secret = match.groups()
+        record = await self._cached(key_id)
+        if record is None:
+            raise _unauthenticated("INVALID_KEY", "unknown or wrong API key")
+        fingerprint = hashlib.sha256(secret.encode()).digest()
+        known = self._verified.get(key_id)
+        if known is None or not hmac.compare_digest(known, fingerprint):
+            digest = await asyncio.to_thread(
+                hash_secret, secret, bytes.fromhex(record.salt), record.kdf
+            )
+            if not hmac.compare_digest(digest, bytes.fromhex(record.hash)):
+                raise _unauthenticated("INVALID_KEY", "unknown or wrong API key")
+            self._verified[key_id] = fingerprint
+        if record.revoked is not None:
+            raise _unauthenticated("KEY_REVOKED", f"API key {key_id} has been revoked")
+        if record.expires is not None and record.expires <= time.time():
+            raise _unauthenticated("KEY_EXPIRED", f"API key {key_id} has expired")
+        self._note_use(key_id)
+        return record.identity()
+
+    def _note_use(self, key_id: str) -> None:
+        """Last-used time, written off the call's path and at most once a minute per key."""
+        now = time.monotonic()
+        if now - self._used_written.get(key_id, -LAST_USED_EVERY) < LAST_USED_EVERY:
+            return
+        self._used_written[key_id] = now
+        request = kv_pb.SetRequest(key=f"used/{key_id}", value=repr(time.time()).encode())
+        task = asyncio.create_task(self._write_quietly(request))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _write_quietly(self, request: kv_pb.SetRequest) -> None:
+        try:
+            await self.basic.set(request, self._ctx())
+        except Exception as exc:  # only the last-used time is late
+            log.debug("recording key use failed: %r", exc)
+
+    async def has_admin(self) -> bool:
+        async for record in self.all():
+            usable = record.expires is None or record.expires > time.time()
+            if "admin" in record.roles and record.revoked is None and usable:
+                return True
+        return False
+
+    async def close(self) -> None:
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _header(context: Context) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == AUTH_HEADER and isinstance(value, str):
+            return value
+    return None
+
+
+def is_mutation(method: str) -> bool:
+    return not method.rpartition("/")[2].startswith(READ_ONLY_PREFIXES)
+
+
+def resource_of(request: object) -> str:
+    """The key, id, name... the request acts on, when it has an obvious one."""
+    if not isinstance(request, Message):
+        return ""
+    fields = request.DESCRIPTOR.fields_by_name
+    for name in RESOURCE_FIELDS:
+        value = getattr(request, name) if name in fields else None
+        if isinstance(value, str) and value:
+            return value[:256]
+    return ""
+
+
+def _outcome(context: Context, failed: BaseException | None) -> tuple[str, str]:
+    """(status code name, ErrorInfo reason) the call ended with."""
+    if failed is None:
+        return "OK", ""
+    code = context.code()
+    if not isinstance(code, grpc.StatusCode):
+        cancelled = isinstance(failed, asyncio.CancelledError)
+        return ("CANCELLED" if cancelled else "INTERNAL"), ""
+    reason = ""
+    trailing: Any = context.trailing_metadata() or ()
+    for key, value in trailing:
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            for detail in status_pb2.Status.FromString(value).details:
+                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                    info = error_details_pb2.ErrorInfo()
+                    detail.Unpack(info)
+                    reason = info.reason
+    return code.name, reason
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Authenticates (when `keys` is given; None: auth off, every caller anonymous) and audits.
+
+    Placed right after the request-id interceptor, so a denial carries the request id and the
+    rate limiter placed after it sees the identity."""
+
+    def __init__(self, keys: KeyStore | None, audit: AuditLog) -> None:
+        self.keys = keys
+        self.audit = audit
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or method.startswith(OPEN_PREFIXES):
+            return handler
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, self._wrap(method, handler))
+            self._wrapped[method] = cached
+        return cached[1]
+
+    async def authenticate(self, context: Context) -> None:
+        if self.keys is None:
+            return
+        header = _header(context)
+        try:
+            if header is None:
+                raise _unauthenticated(
+                    "MISSING_CREDENTIALS",
+                    "this server requires an API key: send 'authorization: Bearer <key>'",
+                )
+            current_identity.set(await self.keys.verify(header))
+        except errors.PrismError as exc:
+            await abort(context, exc, current_request_id.get(), {})
+        except Exception as exc:  # the key store cannot be read: fail closed, retryable
+            log.warning("authentication failed: key store error: %r", exc)
+            denied = errors.Unavailable(f"cannot verify the API key: {exc}")
+            await abort(context, denied, current_request_id.get(), {})
+
+    def record(
+        self, method: str, request: object, context: Context, failed: BaseException | None
+    ) -> None:
+        outcome, reason = _outcome(context, failed)
+        if not is_mutation(method) and grpc.StatusCode[outcome] not in DENIED:
+            return
+        identity = current_identity.get()
+        namespace = next(
+            (v for k, v in context.invocation_metadata() or () if k == NAMESPACE_HEADER), ""
+        )
+        self.audit.record(
+            AuditRecord(
+                identity="anonymous" if identity is None else identity.name,
+                peer=context.peer() or "",
+                method=method,
+                namespace=str(namespace),
+                resource=resource_of(request),
+                outcome=outcome,
+                reason=reason,
+                request_id=current_request_id.get(),
+            )
+        )
+
+    def _wrap(self, method: str, handler: Handler) -> Handler:
+        authenticate, record = self.authenticate, self.record
+        if handler.unary_unary is not None:
+            inner: Any = handler.unary_unary
+
+            async def unary(request: Any, context: Context) -> Any:
+                failed: BaseException | None = None
+                try:
+                    await authenticate(context)
+                    return await inner(request, context)
+                except BaseException as exc:
+                    failed = exc
+                    raise
+                finally:
+                    record(method, request, context, failed)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            inner_stream: Any = handler.unary_stream
+
+            async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+                failed: BaseException | None = None
+                try:
+                    await authenticate(context)
+                    async with contextlib.aclosing(inner_stream(request, context)) as items:
+                        async for item in items:
+                            yield item
+                except BaseException as exc:
+                    failed = exc
+                    raise
+                finally:
+                    record(method, request, context, failed)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+MAX_PAGE = 1000
+
+
+def _page_size(size: int) -> int:
+    if size < 0 or size > MAX_PAGE:
+        raise errors.InvalidArgument("page_size", f"must be 0 (default 100) to {MAX_PAGE}")
+    return size or 100
+
+
+class KeyAdmin:
+    """KeyAdminService (proto/prism/admin/v1/key_admin.proto): admin role required; with auth
+    off (`keys` None) every caller counts as admin, so a no-auth server is administrable."""
+
+    def __init__(self, keys: KeyStore, audit: AuditLog, enforced: bool) -> None:
+        self.keys = keys
+        self.audit = audit
+        self.enforced = enforced
+
+    def _require_admin(self) -> None:
+        identity = current_identity.get()
+        if self.enforced and (identity is None or "admin" not in identity.roles):
+            raise errors.PermissionDenied(
+                "this RPC needs an API key with the admin role", reason="ADMIN_REQUIRED"
+            )
+
+    async def create_key(
+        self, request: pb.CreateKeyRequest, ctx: CallContext
+    ) -> pb.CreateKeyResponse:
+        self._require_admin()
+        if not 1 <= len(request.name) <= 100:
+            raise errors.InvalidArgument("name", "must be 1-100 characters")
+        if not request.roles or pb.ROLE_UNSPECIFIED in request.roles:
+            raise errors.InvalidArgument("roles", "give at least one of admin, editor, viewer")
+        for i, scope in enumerate(request.scopes):
+            if not 1 <= len(scope) <= 64:
+                raise errors.InvalidArgument(f"scopes[{i}]", "must be 1-64 characters")
+        expires = None
+        if request.HasField("expire_time"):
+            expires = request.expire_time.ToNanoseconds() / 1e9
+            if expires <= time.time():
+                raise errors.InvalidArgument("expire_time", "must be in the future")
+        record, key = await self.keys.create(
+            request.name,
+            request.owner,
+            request.organization,
+            sorted({ROLE_NAMES[r] for r in request.roles}),
+            list(request.scopes),
+            expires,
+        )
+        return pb.CreateKeyResponse(key=record.to_proto(None), secret_key=key)
+
+    async def list_keys(self, request: pb.ListKeysRequest, ctx: CallContext) -> pb.ListKeysResponse:
+        self._require_admin()
+        records, token = await self.keys.page(_page_size(request.page_size), request.page_token)
+        shown = [r for r in records if request.include_revoked or r.revoked is None]
+        used = await asyncio.gather(*(self.keys.last_used(r.id) for r in shown))
+        return pb.ListKeysResponse(
+            keys=[r.to_proto(u) for r, u in zip(shown, used, strict=True)],
+            next_page_token=token,
+        )
+
+    async def revoke_key(
+        self, request: pb.RevokeKeyRequest, ctx: CallContext
+    ) -> pb.RevokeKeyResponse:
+        self._require_admin()
+        if not request.id:
+            raise errors.InvalidArgument("id", "must name a key id")
+        record = await self.keys.revoke(request.id)
+        return pb.RevokeKeyResponse(key=record.to_proto(await self.keys.last_used(record.id)))
+
+    async def query_audit(
+        self, request: pb.QueryAuditRequest, ctx: CallContext
+    ) -> pb.QueryAuditResponse:
+        self._require_admin()
+        _page_size(request.page_size)
+        outcome = request.outcome.upper()
+        if outcome and outcome not in grpc.StatusCode.__members__:
+            raise errors.InvalidArgument("outcome", f"'{request.outcome}' is no status code name")
+        return await self.audit.query(request)
+
+
+async def bootstrap_key(keys: KeyStore) -> str | None:
+    """The first start of a secured server: with no usable admin key in the store, make one
+    (returned once for printing; only its hash is stored)."""
+    if await keys.has_admin():
+        return None
+    _, key = await keys.create("bootstrap", "bootstrap", "", ["admin"], [], None)
+    return key
