@@ -2,7 +2,8 @@
 
 The server address comes from --address, else $PRISM_ADDRESS, else 127.0.0.1:50051; the
 namespace from --namespace or $PRISM_NAMESPACE (needed only when several namespaces serve the
-registry). Output is a human table or, with --format json, JSON. A rejected request is one line on
+registry); the API key from --api-key or $PRISM_API_KEY (sent as `authorization: Bearer <key>`).
+Output is a human table or, with --format json, JSON. A rejected request is one line on
 stderr and exit 1; a server that cannot be reached, or a file that cannot be read, exit 3.
 """
 
@@ -47,12 +48,22 @@ class Client:
     """A blocking stub with the namespace metadata and a deadline on every call; gRPC failures
     become one-line CliErrors."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        stub: Callable[[grpc.Channel], Any] = pb_grpc.ArtifactRegistryServiceStub,
+    ) -> None:
         self.address = args.address or os.environ.get("PRISM_ADDRESS") or DEFAULT_ADDRESS
         namespace = args.namespace or os.environ.get("PRISM_NAMESPACE") or ""
-        self.metadata = (("x-prism-namespace", namespace),) if namespace else ()
+        api_key = args.api_key or os.environ.get("PRISM_API_KEY") or ""
+        metadata: list[tuple[str, str]] = []
+        if namespace:
+            metadata.append(("x-prism-namespace", namespace))
+        if api_key:
+            metadata.append(("authorization", f"Bearer {api_key}"))
+        self.metadata = tuple(metadata)
         self.channel = grpc.insecure_channel(self.address)
-        self.stub = pb_grpc.ArtifactRegistryServiceStub(self.channel)
+        self.stub = stub(self.channel)
 
     def call(self, rpc: str, request: Message) -> Any:
         try:
@@ -408,17 +419,23 @@ def cmd_import(args: argparse.Namespace, client: Client) -> int:
     return EXIT_FINDINGS if summary.issues else EXIT_OK
 
 
+def add_connection_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the server is and who we are: every command talking to a running server has these."""
+    p.add_argument(
+        "--address", help=f"server HOST:PORT (default $PRISM_ADDRESS or {DEFAULT_ADDRESS})"
+    )
+    p.add_argument("--namespace", help="namespace (default $PRISM_NAMESPACE)")
+    p.add_argument("--api-key", help="API key (default $PRISM_API_KEY)")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+
+
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     parser = sub.add_parser("artifacts", help="the artifact registry of a running server")
     commands = parser.add_subparsers(dest="artifacts_command", metavar="ACTION", required=True)
 
     def command(name: str, handler: Callable[[argparse.Namespace, Client], int], help_: str) -> Any:
         p = commands.add_parser(name, help=help_)
-        p.add_argument(
-            "--address", help=f"server HOST:PORT (default $PRISM_ADDRESS or {DEFAULT_ADDRESS})"
-        )
-        p.add_argument("--namespace", help="namespace (default $PRISM_NAMESPACE)")
-        p.add_argument("--format", choices=["table", "json"], default="table")
+        add_connection_arguments(p)
         p.set_defaults(func=lambda args: handler(args, Client(args)))
         return p
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from prismctl import cli_artifacts, cli_registry, cli_validate, generate
+from prismctl import cli_artifacts, cli_audit, cli_keys, cli_registry, cli_validate, generate
 from prismctl.cli_common import EXIT_INTERNAL, EXIT_USAGE, CliError
 
 CONFORMANCE_MODULE = "prismctl.conformance.cli"
@@ -40,6 +40,8 @@ def build_parser(argv: Sequence[str] = ()) -> Parser:
     cli_validate.register(sub)
     generate.register(sub)
     cli_artifacts.register(sub)
+    cli_keys.register(sub)
+    cli_audit.register(sub)
     _register_conformance(sub, wanted="conformance" in argv)
     return parser
 
