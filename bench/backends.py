@@ -206,7 +206,7 @@ async def run_backend(
     config.write_text(yaml.safe_dump(server_config(backend, url)))
     command = [
         str(BIN / "prism-server"), "--config", str(config), "--listen", "127.0.0.1:0",
-        "--data-dir", str(tmp / backend),
+        "--data-dir", str(tmp / backend), "--no-auth",
     ]  # fmt: skip
     address = stack.enter_context(spawn(command, r"listening on (\S+:\d+)"))
     return await measure(backend, url, address, tmp, concurrency, seconds)

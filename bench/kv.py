@@ -88,6 +88,7 @@ def main() -> None:
                 command = [
                     str(BIN / "prism-server"), "--config", str(config),
                     "--listen", "127.0.0.1:0", "--data-dir", str(Path(tmp) / target),
+                    "--no-auth",
                 ]  # fmt: skip
             with spawn(command, r"listening on (\S+:\d+)") as address:
                 results += run_fast(measure(target, address, concurrencies, args.seconds))

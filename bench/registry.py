@@ -222,6 +222,7 @@ def prism_server(target: str, tmp: Path) -> Iterator[str]:
     data = tmp / target
     with ExitStack() as stack:
         command = [str(BIN / "prism-server"), "--listen", "127.0.0.1:0", "--data-dir", str(data)]
+        command.append("--no-auth")  # the benchmark measures the registry, not key checks
         if target == "postgres":
             from tests.support.servers import throwaway
 

@@ -158,8 +158,8 @@ class PrismServer:
         #: None when the config has no `rate_limits:` (no interceptor at all)
         self.rate_limiter = rate_limiter
         self.security = security
-        #: the bootstrap admin key made by this start (shown once), else None
-        self.bootstrap_key = security.bootstrap_key
+        #: the bootstrap admin key made by `start()` (to be shown once), else None
+        self.bootstrap_key: str | None = None
 
     @property
     def auth(self) -> bool:
@@ -175,6 +175,14 @@ class PrismServer:
         await self.health.servicer.set(AUDIT_HEALTH, SERVING)
         self.security.audit.start(self._audit_dropped)
         await self.server.start()
+        if self.auth:
+            # only once serving can no longer fail: a key made by a start that then failed
+            # would never be shown, and its hash would block the next bootstrap
+            try:
+                self.bootstrap_key = await auth.bootstrap_key(self.security.keys)
+            except Exception as exc:
+                await self.stop(0)
+                raise StartupError(f"security: cannot read API keys: {exc}") from None
 
     def _audit_dropped(self) -> None:
         """Called on the first dropped audit entry: health tells from then on."""
@@ -276,7 +284,6 @@ class Security:
     audit: audit_log.AuditLog
     interceptor: auth.AuthInterceptor
     admin: auth.KeyAdmin
-    bootstrap_key: str | None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
@@ -297,18 +304,14 @@ async def _security(config: SecurityConfig, binder: Binder, options: ServerOptio
             options.audit_purge_interval,
         )
         binder.closers.append([log_.close, keys.close])
-        bootstrap = await auth.bootstrap_key(keys) if options.auth else None
     except BindError as exc:
         raise StartupError(f"security: {exc}") from None
-    except Exception as exc:  # the key store cannot be read
-        raise StartupError(f"security: cannot read API keys: {exc}") from None
     return Security(
         enforced=options.auth,
         keys=keys,
         audit=log_,
         interceptor=auth.AuthInterceptor(keys if options.auth else None, log_),
         admin=auth.KeyAdmin(keys, log_, options.auth),
-        bootstrap_key=bootstrap,
     )
 
 

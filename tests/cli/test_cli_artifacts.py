@@ -14,6 +14,9 @@ import pytest
 
 BIN = Path(sys.executable).parent
 LISTENING = "prism-server listening on "
+BOOTSTRAP = "prism-server: bootstrap admin key (shown once, store it now): "
+#: server address → the admin key it printed (the server runs with authentication on)
+API_KEYS: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +30,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     )
     assert proc.stdout is not None
     try:
+        key = ""
         for line in proc.stdout:
+            if line.startswith(BOOTSTRAP):
+                key = line.removeprefix(BOOTSTRAP).strip()
             if line.startswith(LISTENING):
-                yield line.removeprefix(LISTENING).strip()
+                address = line.removeprefix(LISTENING).strip()
+                API_KEYS[address] = key
+                yield address
                 break
         else:
             pytest.fail(f"prism-server exited with {proc.wait()} before listening")
@@ -43,7 +51,7 @@ def prismctl(address: str, *args: str, ok: bool = True) -> subprocess.CompletedP
         [str(BIN / "prismctl"), "artifacts", *args],
         capture_output=True,
         text=True,
-        env={**os.environ, "PRISM_ADDRESS": address},
+        env={**os.environ, "PRISM_ADDRESS": address, "PRISM_API_KEY": API_KEYS[address]},
         timeout=60,
     )
     assert "Traceback" not in result.stderr

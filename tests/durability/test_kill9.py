@@ -37,6 +37,7 @@ async def server_process(data_dir: Path) -> AsyncIterator[tuple[asyncio.subproce
         "127.0.0.1:0",
         "--data-dir",
         str(data_dir),
+        "--no-auth",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
     )

@@ -696,7 +696,7 @@ async def test_unreadable_record_does_not_stop_reencryption(vault: Vault) -> Non
 def _server(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
     clean = {k: v for k, v in os.environ.items() if k not in ("PRISM_KEYRING", ENV_KEYS)}
     return subprocess.Popen(
-        [str(SERVER_BIN), "--listen", "127.0.0.1:0", *args],
+        [str(SERVER_BIN), "--listen", "127.0.0.1:0", "--no-auth", *args],
         env={**clean, **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -50,7 +50,7 @@ async def servers(
         started = []
         for i in range(count):
             server = await create_server(
-                ServerOptions(config=config, data_dir=tmp_path / f"data{i}", tls=tls)
+                ServerOptions(config=config, data_dir=tmp_path / f"data{i}", tls=tls, auth=False)
             )
             await server.start()
             stack.push_async_callback(server.stop, 0.5)

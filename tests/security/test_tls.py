@@ -41,7 +41,7 @@ async def tls_server(
     tmp_path: Path, tls: ServerTLS | None, config: Mapping[str, Any] = MEMSTORE, **kw: Any
 ) -> AsyncIterator[PrismServer]:
     server = await create_server(
-        ServerOptions(config=config, data_dir=tmp_path / "data", tls=tls, **kw)
+        ServerOptions(config=config, data_dir=tmp_path / "data", tls=tls, auth=False, **kw)
     )
     await server.start()
     try:

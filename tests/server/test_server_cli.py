@@ -28,9 +28,11 @@ LISTENING = "prism-server listening on "
 async def server_process(
     *args: str, env: Mapping[str, str] | None = None, cwd: Path | None = None
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, list[str]]]:
-    """Start prism-server, read stdout up to its listening line; yield (process, lines)."""
+    """Start prism-server (authentication off), read stdout up to its listening line; yield
+    (process, lines)."""
     proc = await asyncio.create_subprocess_exec(
         str(BIN / "prism-server"),
+        "--no-auth",
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

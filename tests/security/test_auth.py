@@ -1,0 +1,392 @@
+"""API keys: UNAUTHENTICATED with a precise reason for missing, malformed, unknown, wrong, revoked
+and expired keys; admin-only key administration; keys stored only as salted hashes; revocation
+reaching another replica within the refresh time; the bootstrap key printed once by a real
+`prism-server`; `--no-auth` saying so; `prismctl keys` as subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prism.admin.v1 import key_admin_pb2 as pb
+from prism.admin.v1 import key_admin_pb2_grpc as pb_grpc
+from prism.interfaces.keyvalue.v1 import keyvalue_basic_pb2 as kv
+from prism.interfaces.keyvalue.v1 import keyvalue_basic_pb2_grpc as kv_grpc
+
+from server.app import AUTH_HEALTH, PrismServer
+from tests.support.harness import error_details, namespaced, running_server
+from tests.support.wait import eventually
+
+BIN = Path(sys.executable).parent
+LISTENING = "prism-server listening on "
+BOOTSTRAP = "prism-server: bootstrap admin key (shown once, store it now): "
+#: keys and audit default to SQLite in the data dir; data on memstore keeps these tests quick
+MEMSTORE = {
+    "namespaces": [
+        {"name": "default", "pattern": "direct", "slots": {"keyvalue": {"backend": "memstore"}}}
+    ]
+}
+
+
+def bearer(key: str) -> tuple[tuple[str, str], ...]:
+    return (*namespaced("default"), ("authorization", f"Bearer {key}"))
+
+
+async def failure(call: Any) -> tuple[grpc.StatusCode, str, str]:
+    """(code, ErrorInfo reason, details) of a call that must fail."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value.code(), reason_of(caught.value), caught.value.details() or ""
+
+
+def reason_of(exc: grpc.aio.AioRpcError) -> str:
+    info, _ = error_details(exc)
+    return info.reason if info else ""
+
+
+def set_call(channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...]) -> Any:
+    return kv_grpc.KeyValueBasicServiceStub(channel).Set(
+        kv.SetRequest(key="k", value=b"v"), metadata=metadata
+    )
+
+
+async def create_key(
+    server: PrismServer, admin: str, role: pb.Role.ValueType = pb.ROLE_EDITOR, **fields: Any
+) -> pb.CreateKeyResponse:
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        made: pb.CreateKeyResponse = await pb_grpc.KeyAdminServiceStub(channel).CreateKey(
+            pb.CreateKeyRequest(name="test", roles=[role], **fields), metadata=bearer(admin)
+        )
+    return made
+
+
+async def test_bad_credentials_are_unauthenticated_with_reason(tmp_path: Path) -> None:
+    async with running_server(MEMSTORE, tmp_path, auth=True) as server:
+        admin = server.bootstrap_key
+        assert admin is not None
+        key_id = admin.split("_")[1]
+        wrong_secret = f"prism_{key_id}_{'A' * 43}"
+        cases = {
+            "MISSING_CREDENTIALS": namespaced("default"),
+            "MALFORMED_CREDENTIALS": (("authorization", "Basic dXNlcjpwYXNz"),),
+            "INVALID_KEY": (("authorization", f"Bearer prism_{'0' * 16}_{'A' * 43}"),),
+        }
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            for reason, metadata in cases.items():
+                code, got, _ = await failure(set_call(channel, metadata))
+                assert (code, got) == (grpc.StatusCode.UNAUTHENTICATED, reason)
+            for malformed in ("Bearer", f"Bearer {admin}x", f"Bearer prism_{key_id}"):
+                code, got, _ = await failure(set_call(channel, (("authorization", malformed),)))
+                assert (code, got) == (grpc.StatusCode.UNAUTHENTICATED, "MALFORMED_CREDENTIALS")
+            code, got, _ = await failure(set_call(channel, bearer(wrong_secret)))
+            assert (code, got) == (grpc.StatusCode.UNAUTHENTICATED, "INVALID_KEY")
+            # the right key is accepted, also when the scheme is written in lower case
+            await set_call(channel, bearer(admin))
+            await set_call(channel, (*namespaced("default"), ("authorization", f"bearer {admin}")))
+            # health stays open and says authentication is on
+            health = health_pb2_grpc.HealthStub(channel)
+            status = await health.Check(health_pb2.HealthCheckRequest(service=AUTH_HEALTH))
+            assert status.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_admin_rpcs_need_the_admin_role_and_valid_input(tmp_path: Path) -> None:
+    async with running_server(MEMSTORE, tmp_path, auth=True) as server:
+        assert server.bootstrap_key is not None
+        viewer = (await create_key(server, server.bootstrap_key, pb.ROLE_VIEWER)).secret_key
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            admin = pb_grpc.KeyAdminServiceStub(channel)
+            call = admin.ListKeys(pb.ListKeysRequest(), metadata=bearer(viewer))
+            code, reason, _ = await failure(call)
+            assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "ADMIN_REQUIRED")
+            md = bearer(server.bootstrap_key)
+            past = pb.CreateKeyRequest(name="x", roles=[pb.ROLE_VIEWER])
+            past.expire_time.FromSeconds(int(time.time()) - 10)
+            for request, field in (
+                (pb.CreateKeyRequest(name="x"), "roles"),
+                (pb.CreateKeyRequest(roles=[pb.ROLE_VIEWER]), "name"),
+                (past, "expire_time"),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await admin.CreateKey(request, metadata=md)
+                _, bad = error_details(caught.value)
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert bad is not None and bad.field_violations[0].field == field
+            code, reason, _ = await failure(
+                admin.RevokeKey(pb.RevokeKeyRequest(id="0" * 16), metadata=md)
+            )
+            assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "KEY_NOT_FOUND")
+
+
+def database_bytes(data_dir: Path) -> bytes:
+    """The SQLite file with its WAL: everything the key store wrote."""
+    return b"".join(p.read_bytes() for p in sorted(data_dir.glob("prism.db*")))
+
+
+async def test_keys_are_stored_only_as_salted_hashes(tmp_path: Path) -> None:
+    async with running_server(MEMSTORE, tmp_path, auth=True) as server:
+        assert server.bootstrap_key is not None
+        made = await create_key(server, server.bootstrap_key, owner="ann", organization="acme")
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            admin = pb_grpc.KeyAdminServiceStub(channel)
+            listed = await admin.ListKeys(
+                pb.ListKeysRequest(), metadata=bearer(server.bootstrap_key)
+            )
+    secrets = [k.rpartition("_")[2] for k in (server.bootstrap_key, made.secret_key)]
+    assert {k.id for k in listed.keys} == {made.key.id, server.bootstrap_key.split("_")[1]}
+    mine = next(k for k in listed.keys if k.id == made.key.id)
+    assert (mine.owner, mine.organization, list(mine.roles)) == ("ann", "acme", [pb.ROLE_EDITOR])
+    wire = listed.SerializeToString()
+    raw = database_bytes(tmp_path)
+    assert made.key.id.encode() in raw  # the record is in this file...
+    for secret in secrets:
+        assert secret.encode() not in wire
+        assert secret.encode() not in raw  # ...but never the secret
+
+
+async def test_revocation_reaches_another_replica_within_seconds(tmp_path: Path) -> None:
+    """Two servers sharing the key store: B has the key verified and cached; A revokes it."""
+    async with (
+        running_server(MEMSTORE, tmp_path, auth=True) as a,
+        running_server(MEMSTORE, tmp_path, auth=True) as b,
+    ):
+        assert a.bootstrap_key is not None and b.bootstrap_key is None  # one bootstrap only
+        key = (await create_key(a, a.bootstrap_key)).secret_key
+        async with (
+            grpc.aio.insecure_channel(a.address) as on_a,
+            grpc.aio.insecure_channel(b.address) as on_b,
+        ):
+            await set_call(on_b, bearer(key))
+            await pb_grpc.KeyAdminServiceStub(on_a).RevokeKey(
+                pb.RevokeKeyRequest(id=key.split("_")[1]), metadata=bearer(a.bootstrap_key)
+            )
+            code, reason, _ = await failure(set_call(on_a, bearer(key)))  # at once on A
+            assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "KEY_REVOKED")
+            revoked_at = time.monotonic()
+
+            async def refused_on_b() -> bool:
+                try:
+                    await set_call(on_b, bearer(key))
+                except grpc.aio.AioRpcError as exc:
+                    return reason_of(exc) == "KEY_REVOKED"
+                return False
+
+            await eventually(refused_on_b, timeout=10, message="B still accepts the key")
+            assert time.monotonic() - revoked_at < b.security.keys.refresh + 2.0
+
+
+async def test_expired_key_is_refused(tmp_path: Path) -> None:
+    async with running_server(MEMSTORE, tmp_path, auth=True) as server:
+        assert server.bootstrap_key is not None
+        soon = pb.CreateKeyRequest().expire_time
+        soon.FromNanoseconds(time.time_ns() + 1_500_000_000)
+        key = (await create_key(server, server.bootstrap_key, expire_time=soon)).secret_key
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            await set_call(channel, bearer(key))
+
+            async def expired() -> bool:
+                try:
+                    await set_call(channel, bearer(key))
+                except grpc.aio.AioRpcError as exc:
+                    return reason_of(exc) == "KEY_EXPIRED"
+                return False
+
+            await eventually(expired, timeout=10, message="the expired key is still accepted")
+
+
+async def test_rate_limits_count_each_key_apart(tmp_path: Path) -> None:
+    """Same host, two keys: each has its own bucket (the key comes before the peer)."""
+    config = {
+        **MEMSTORE,
+        "rate_limits": {
+            "store": {"backend": "memstore"},
+            "rules": [{"method": "*/Set", "rate": 0.01, "burst": 1}],
+        },
+    }
+    async with running_server(config, tmp_path, auth=True) as server:
+        assert server.bootstrap_key is not None
+        other = (await create_key(server, server.bootstrap_key)).secret_key
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            await set_call(channel, bearer(server.bootstrap_key))
+            code, reason, _ = await failure(set_call(channel, bearer(server.bootstrap_key)))
+            assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
+            await set_call(channel, bearer(other))
+
+
+# ---- the real prism-server and prismctl -------------------------------------------------------
+
+
+@dataclass
+class Started:
+    proc: subprocess.Popen[str]
+    address: str
+    lines: list[str]
+
+    @property
+    def bootstrap(self) -> str | None:
+        found = [line.removeprefix(BOOTSTRAP) for line in self.lines if line.startswith(BOOTSTRAP)]
+        assert len(found) <= 1, self.lines
+        return found[0] if found else None
+
+
+def start_server(data: Path, *flags: str, env: dict[str, str] | None = None) -> Started:
+    proc = subprocess.Popen(
+        [str(BIN / "prism-server"), "--listen", "127.0.0.1:0", "--data-dir", str(data), *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env or {k: v for k, v in os.environ.items() if k != "PRISM_NO_AUTH"},
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    for line in proc.stdout:
+        lines.append(line.rstrip("\n"))
+        if line.startswith(LISTENING):
+            return Started(proc, line.removeprefix(LISTENING).strip(), lines)
+    proc.wait(10)
+    raise AssertionError(f"prism-server exited {proc.returncode}: {proc.stderr.read()}")  # type: ignore[union-attr]
+
+
+def stop(started: Started) -> str:
+    """SIGTERM, wait, and return its stderr."""
+    started.proc.terminate()
+    _, err = started.proc.communicate(timeout=30)
+    assert started.proc.returncode == 0, err
+    return err
+
+
+def health_of(address: str, service: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=10
+        )
+    return int(answer.status)
+
+
+def blocking_set(address: str, key: str | None) -> grpc.StatusCode:
+    metadata: tuple[tuple[str, str], ...] = (("x-prism-namespace", "default"),)
+    if key is not None:
+        metadata += (("authorization", f"Bearer {key}"),)
+    with grpc.insecure_channel(address) as channel:
+        try:
+            kv_grpc.KeyValueBasicServiceStub(channel).Set(
+                kv.SetRequest(key="k", value=b"v"), metadata=metadata, timeout=10
+            )
+        except grpc.RpcError as exc:
+            code: grpc.StatusCode = exc.code()
+            return code
+    return grpc.StatusCode.OK
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Started, str]]:
+    """A real secured prism-server (embedded default) on a fresh data dir, and its admin key."""
+    started = start_server(tmp_path_factory.mktemp("secured"))
+    try:
+        assert started.bootstrap is not None
+        yield started, started.bootstrap
+    finally:
+        stop(started)
+
+
+def test_bootstrap_key_is_printed_once_and_works(tmp_path: Path) -> None:
+    first = start_server(tmp_path)
+    try:
+        key = first.bootstrap
+        assert key is not None and key.startswith("prism_")
+        assert first.lines.index(BOOTSTRAP + key) < len(first.lines) - 1  # before `listening`
+        assert blocking_set(first.address, None) == grpc.StatusCode.UNAUTHENTICATED
+        assert blocking_set(first.address, key) == grpc.StatusCode.OK
+        assert health_of(first.address, AUTH_HEALTH) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        err = stop(first)
+    assert key not in err
+    second = start_server(tmp_path)
+    try:
+        assert second.bootstrap is None
+        assert not any(key in line for line in second.lines)
+        assert blocking_set(second.address, key) == grpc.StatusCode.OK
+    finally:
+        stop(second)
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_no_auth_warns_and_reports_in_health(tmp_path: Path, how: str) -> None:
+    env = {**os.environ, "PRISM_NO_AUTH": "1"} if how == "env" else None
+    started = start_server(tmp_path, *(["--no-auth"] if how == "flag" else []), env=env)
+    try:
+        assert started.bootstrap is None
+        assert blocking_set(started.address, None) == grpc.StatusCode.OK
+        assert health_of(started.address, AUTH_HEALTH) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert health_of(started.address, "") == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        err = stop(started)
+    assert "WARNING: authentication is OFF" in err
+
+
+def prismctl(address: str, key: str | None, *args: str, ok: bool = True) -> Any:
+    env = {**os.environ, "PRISM_ADDRESS": address}
+    env.pop("PRISM_API_KEY", None)
+    done = subprocess.run(
+        [str(BIN / "prismctl"), *args, *(["--api-key", key] if key else [])],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert "Traceback" not in done.stderr
+    if ok:
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout) if "--format" in args else done.stdout
+    return done
+
+
+def test_prismctl_keys_create_list_revoke(secured: tuple[Started, str]) -> None:
+    started, admin = secured
+    made = prismctl(started.address, admin, "keys", "create", "--name", "ci", "--role",
+                    "editor", "--org", "acme", "--scope", "deploy", "--expires", "30d",
+                    "--format", "json")  # fmt: skip
+    key, key_id = made["secret_key"], made["key"]["id"]
+    assert key.startswith(f"prism_{key_id}_")
+    assert made["key"]["roles"] == ["ROLE_EDITOR"] and made["key"]["scopes"] == ["deploy"]
+    assert blocking_set(started.address, key) == grpc.StatusCode.OK
+
+    table = prismctl(started.address, admin, "keys", "list")
+    assert table.splitlines()[0].split()[:3] == ["ID", "NAME", "OWNER"]
+    row = next(line for line in table.splitlines() if line.startswith(key_id))
+    assert "ci" in row and "editor" in row and key.rpartition("_")[2] not in table
+
+    assert f"revoked {key_id} (ci)" in prismctl(started.address, admin, "keys", "revoke", key_id)
+    assert blocking_set(started.address, key) == grpc.StatusCode.UNAUTHENTICATED
+    listed = prismctl(started.address, admin, "keys", "list", "--format", "json")
+    assert key_id not in {k["id"] for k in listed.get("keys", [])}
+    listed = prismctl(started.address, admin, "keys", "list", "--include-revoked", "--format",
+                      "json")  # fmt: skip
+    assert any(k["id"] == key_id and "revoke_time" in k for k in listed["keys"])
+
+    # refusals are one line with exit 1; bad flags exit 2
+    denied = prismctl(started.address, key, "keys", "list", ok=False)
+    assert denied.returncode == 1
+    assert (
+        denied.stderr.strip()
+        == f"prismctl: error: UNAUTHENTICATED: API key {key_id} has been revoked"
+    )
+    anonymous = prismctl(started.address, None, "keys", "list", ok=False)
+    assert anonymous.returncode == 1 and "UNAUTHENTICATED" in anonymous.stderr
+    assert len(anonymous.stderr.strip().splitlines()) == 1
+    unknown = prismctl(started.address, admin, "keys", "revoke", "0" * 16, ok=False)
+    assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
+    bad = prismctl(started.address, admin, "keys", "create", "--name", "x", "--expires", "soon",
+                   ok=False)  # fmt: skip
+    assert bad.returncode == 2 and "--expires 'soon'" in bad.stderr
