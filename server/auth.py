@@ -95,6 +95,8 @@ class Identity:
 
 #: the caller of the call being handled; None when unauthenticated (auth off, or denied)
 current_identity: ContextVar[Identity | None] = ContextVar("prism_identity", default=None)
+#: the audit identity of a call refused with a genuine but revoked or expired key
+_refused_key: ContextVar[str] = ContextVar("prism_refused_key", default="")
 
 
 @dataclass(frozen=True)
@@ -152,8 +154,10 @@ def hash_secret(secret: str, salt: bytes, kdf: dict[str, int]) -> bytes:
     )
 
 
-def _unauthenticated(reason: str, message: str) -> errors.PrismError:
-    return errors.Unauthenticated(message, reason=reason)
+def _unauthenticated(reason: str, message: str, key_id: str | None = None) -> errors.PrismError:
+    """`key_id` only for a key whose secret verified (revoked, expired): the audit log then
+    names it; an unproven claim stays anonymous."""
+    return errors.Unauthenticated(message, reason=reason, key_id=key_id)
 
 
 class KeyStore:
@@ -276,9 +280,9 @@ class KeyStore:
                 raise _unauthenticated("INVALID_KEY", "unknown or wrong API key")
             self._verified[key_id] = fingerprint
         if record.revoked is not None:
-            raise _unauthenticated("KEY_REVOKED", f"API key {key_id} has been revoked")
+            raise _unauthenticated("KEY_REVOKED", f"API key {key_id} has been revoked", key_id)
         if record.expires is not None and record.expires <= time.time():
-            raise _unauthenticated("KEY_EXPIRED", f"API key {key_id} has expired")
+            raise _unauthenticated("KEY_EXPIRED", f"API key {key_id} has expired", key_id)
         self._note_use(key_id)
         return record.identity()
 
@@ -391,6 +395,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 )
             current_identity.set(await self.keys.verify(header))
         except errors.PrismError as exc:
+            if "key_id" in exc.metadata:
+                _refused_key.set(f"key:{exc.metadata['key_id']}")
             await abort(context, exc, current_request_id.get(), {})
         except Exception as exc:  # the key store cannot be read: fail closed, retryable
             log.warning("authentication failed: key store error: %r", exc)
@@ -409,7 +415,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         )
         self.audit.record(
             AuditRecord(
-                identity="anonymous" if identity is None else identity.name,
+                identity=identity.name if identity else _refused_key.get() or "anonymous",
                 peer=context.peer() or "",
                 method=method,
                 namespace=str(namespace),
