@@ -239,7 +239,7 @@ class KeyStore:
     async def revoke(self, key_id: str) -> KeyRecord:
         record = await self.get(key_id)
         if record is None:
-            raise errors.NotFound(f"no API key '{key_id}'", reason="KEY_NOT_FOUND", id=key_id)
+            raise errors.NotFound(f"no API key '{key_id}'", reason="API_KEY_NOT_FOUND", id=key_id)
         if record.revoked is None:
             record = replace(record, revoked=time.time())
             await self.put(record)

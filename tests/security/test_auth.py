@@ -125,7 +125,7 @@ async def test_admin_rpcs_need_the_admin_role_and_valid_input(tmp_path: Path) ->
             code, reason, _ = await failure(
                 admin.RevokeKey(pb.RevokeKeyRequest(id="0" * 16), metadata=md)
             )
-            assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "KEY_NOT_FOUND")
+            assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "API_KEY_NOT_FOUND")
 
 
 def database_bytes(data_dir: Path) -> bytes:

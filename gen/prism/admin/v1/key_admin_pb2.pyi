@@ -280,7 +280,9 @@ class AuditEntry(_message.Message):
     id: _builtins.str
     """Time-ordered: a later entry has a greater id."""
     identity: _builtins.str
-    """`key:<key id>` for an authenticated call, `anonymous` otherwise."""
+    """`key:<key id>` for an authenticated call or one refused for a revoked or expired key (its
+    secret was right), `anonymous` otherwise.
+    """
     peer: _builtins.str
     """The gRPC peer, e.g. `ipv4:127.0.0.1:53412`."""
     method: _builtins.str
@@ -332,7 +334,9 @@ class QueryAuditRequest(_message.Message):
     identity: _builtins.str
     """Exact identity, e.g. `key:0123456789abcdef` or `anonymous`."""
     method: _builtins.str
-    """Full method (`/pkg.Service/Method`) or a suffix of it (e.g. `KeyValueBasicService/Set`)."""
+    """Full method (`/pkg.Service/Method`), or `Service/Method` without the package (e.g.
+    `KeyValueBasicService/Set`).
+    """
     outcome: _builtins.str
     """Status code name, e.g. `OK`, `UNAUTHENTICATED`."""
     page_size: _builtins.int

@@ -88,7 +88,7 @@ class KeyAdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RevokeKey(self, request, context):
-        """RevokeKey disables a key for good; NOT_FOUND (reason KEY_NOT_FOUND) for an unknown id.
+        """RevokeKey disables a key for good; NOT_FOUND (reason API_KEY_NOT_FOUND) for an unknown id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -45,7 +45,7 @@ class KeyAdminServiceStub:
     ListKeys: _grpc.UnaryUnaryMultiCallable[_key_admin_pb2.ListKeysRequest, _key_admin_pb2.ListKeysResponse]
     """ListKeys returns key metadata (never secrets or hashes), ordered by key id, paginated."""
     RevokeKey: _grpc.UnaryUnaryMultiCallable[_key_admin_pb2.RevokeKeyRequest, _key_admin_pb2.RevokeKeyResponse]
-    """RevokeKey disables a key for good; NOT_FOUND (reason KEY_NOT_FOUND) for an unknown id."""
+    """RevokeKey disables a key for good; NOT_FOUND (reason API_KEY_NOT_FOUND) for an unknown id."""
     QueryAudit: _grpc.UnaryUnaryMultiCallable[_key_admin_pb2.QueryAuditRequest, _key_admin_pb2.QueryAuditResponse]
     """QueryAudit returns audit entries matching every given filter, newest first, paginated."""
 
@@ -66,7 +66,7 @@ class KeyAdminServiceAsyncStub(KeyAdminServiceStub):
     ListKeys: _aio.UnaryUnaryMultiCallable[_key_admin_pb2.ListKeysRequest, _key_admin_pb2.ListKeysResponse]  # type: ignore[assignment]
     """ListKeys returns key metadata (never secrets or hashes), ordered by key id, paginated."""
     RevokeKey: _aio.UnaryUnaryMultiCallable[_key_admin_pb2.RevokeKeyRequest, _key_admin_pb2.RevokeKeyResponse]  # type: ignore[assignment]
-    """RevokeKey disables a key for good; NOT_FOUND (reason KEY_NOT_FOUND) for an unknown id."""
+    """RevokeKey disables a key for good; NOT_FOUND (reason API_KEY_NOT_FOUND) for an unknown id."""
     QueryAudit: _aio.UnaryUnaryMultiCallable[_key_admin_pb2.QueryAuditRequest, _key_admin_pb2.QueryAuditResponse]  # type: ignore[assignment]
     """QueryAudit returns audit entries matching every given filter, newest first, paginated."""
 
@@ -102,7 +102,7 @@ class KeyAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _key_admin_pb2.RevokeKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_key_admin_pb2.RevokeKeyResponse, _abc.Awaitable[_key_admin_pb2.RevokeKeyResponse]]:
-        """RevokeKey disables a key for good; NOT_FOUND (reason KEY_NOT_FOUND) for an unknown id."""
+        """RevokeKey disables a key for good; NOT_FOUND (reason API_KEY_NOT_FOUND) for an unknown id."""
 
     @_abc_1.abstractmethod
     def QueryAudit(
