@@ -403,22 +403,33 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             denied = errors.Unavailable(f"cannot verify the API key: {exc}")
             await abort(context, denied, current_request_id.get(), {})
 
+    @staticmethod
+    def origin(context: Context) -> tuple[str, str]:
+        """(peer, namespace) of the call, read while it is alive: a server stream may end after
+        the call is gone, and asking a finished call for its peer crashes grpc."""
+        namespace = next(
+            (v for k, v in context.invocation_metadata() or () if k == NAMESPACE_HEADER), ""
+        )
+        return context.peer() or "", str(namespace)
+
     def record(
-        self, method: str, request: object, context: Context, failed: BaseException | None
+        self,
+        method: str,
+        request: object,
+        context: Context,
+        origin: tuple[str, str],
+        failed: BaseException | None,
     ) -> None:
         outcome, reason = _outcome(context, failed)
         if not is_mutation(method) and grpc.StatusCode[outcome] not in DENIED:
             return
         identity = current_identity.get()
-        namespace = next(
-            (v for k, v in context.invocation_metadata() or () if k == NAMESPACE_HEADER), ""
-        )
         self.audit.record(
             AuditRecord(
                 identity=identity.name if identity else _refused_key.get() or "anonymous",
-                peer=context.peer() or "",
+                peer=origin[0],
                 method=method,
-                namespace=str(namespace),
+                namespace=origin[1],
                 resource=resource_of(request),
                 outcome=outcome,
                 reason=reason,
@@ -427,12 +438,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         )
 
     def _wrap(self, method: str, handler: Handler) -> Handler:
-        authenticate, record = self.authenticate, self.record
+        authenticate, record, origin_of = self.authenticate, self.record, self.origin
         if handler.unary_unary is not None:
             inner: Any = handler.unary_unary
 
             async def unary(request: Any, context: Context) -> Any:
                 failed: BaseException | None = None
+                origin = origin_of(context)
                 try:
                     await authenticate(context)
                     return await inner(request, context)
@@ -440,7 +452,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     failed = exc
                     raise
                 finally:
-                    record(method, request, context, failed)
+                    record(method, request, context, origin, failed)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -452,6 +464,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
             async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
                 failed: BaseException | None = None
+                origin = origin_of(context)
                 try:
                     await authenticate(context)
                     async with contextlib.aclosing(inner_stream(request, context)) as items:
@@ -461,7 +474,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     failed = exc
                     raise
                 finally:
-                    record(method, request, context, failed)
+                    record(method, request, context, origin, failed)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,
