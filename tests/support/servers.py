@@ -21,6 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -287,7 +288,7 @@ _KINDS: dict[str, type[ThrowawayServer]] = {
 
 
 @contextlib.contextmanager
-def throwaway(backend: str, **options: str) -> Iterator[ThrowawayServer]:
+def throwaway(backend: str, **options: Any) -> Iterator[ThrowawayServer]:
     """Start a private server for `backend` ("postgres", "redis", "nats", "mongodb") and remove
     it and its data afterwards; `options` are fields of its server class (e.g. NatsServer's
     max_payload)."""
