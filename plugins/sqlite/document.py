@@ -27,7 +27,7 @@ from prism.interfaces.document.v1 import document_indexing_pb2 as index_pb
 from prism.interfaces.document.v1 import document_query_pb2 as query_pb
 from prism.interfaces.document.v1 import document_search_pb2 as search_pb
 
-from plugins.runtime import docfilter, textsearch, validation
+from plugins.runtime import docfilter, docpages, validation
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import (
     Aborted,
@@ -52,13 +52,6 @@ MAX_INDEX_FIELDS = 16
 _SQL_INDEX_RE = re.compile(r"index '([^']+)'")
 
 DOC_COLUMNS = "id, body, revision, create_time, update_time"
-ACCUMULATOR_NAMES = {
-    query_pb.ACCUMULATOR_OP_COUNT: "count",
-    query_pb.ACCUMULATOR_OP_SUM: "sum",
-    query_pb.ACCUMULATOR_OP_MIN: "min",
-    query_pb.ACCUMULATOR_OP_MAX: "max",
-    query_pb.ACCUMULATOR_OP_AVG: "avg",
-}
 
 
 def to_document(row: sqlite3.Row | tuple[Any, ...]) -> basic_pb.Document:
@@ -360,14 +353,8 @@ class SqliteDocuments:
         accumulator rules are the same on every backend."""
         collection = validation.collection(request.collection)
         node = docfilter.parse_filter(request.filter)
-        spec = docfilter.parse_aggregate(
-            request.group_by,
-            request.unwind,
-            [(ACCUMULATOR_NAMES.get(a.op), a.field) for a in request.accumulators],
-        )
-        size = validation.page_size(request.page_size)
-        scope = docfilter.token_scope(collection, request.filter, spec.canonical())
-        position = validation.decode_page_token(request.page_token, "sqlite.aggregate", scope)
+        paging = docpages.AggregatePaging.parse(request, collection, "sqlite.aggregate")
+        spec = paging.spec
         paths = [*([spec.group_by] if spec.group_by else []), *(p for _, p in spec.accumulators)]
         if any('"' in name for path in paths for name in path):
             # no SQLite JSON path can spell such a name: group whole bodies
@@ -385,21 +372,7 @@ class SqliteDocuments:
             groups = docfilter.aggregate_values(
                 ((v[0] if spec.group_by else None, v[first:last]) for v in values), spec
             )
-        if position is not None:
-            groups = [(g, v) for g, v in groups if docfilter.group_after(g, position)]
-        token = ""
-        if len(groups) > size:
-            groups = groups[:size]
-            token = validation.encode_page_token(
-                "sqlite.aggregate", scope, docfilter.group_position(groups[-1][0])
-            )
-        return query_pb.AggregateResponse(
-            groups=[
-                query_pb.AggregateGroup(key_json=g.key_json, count=g.count, values_json=values)
-                for g, values in groups
-            ],
-            next_page_token=token,
-        )
+        return paging.page(groups)
 
     # -- search ------------------------------------------------------------------------------
 
@@ -410,43 +383,11 @@ class SqliteDocuments:
         textsearch rules then decide per field (matching, ranking, snippets), so results and
         order are the contract's whichever backend serves them."""
         collection = validation.collection(request.collection)
-        terms = textsearch.query_terms(request.query)
-        fields = textsearch.search_fields([(f.path, f.weight) for f in request.fields])
-        node = docfilter.parse_filter(request.filter)
-        size = validation.page_size(request.page_size)
-        tags = None
-        if request.HasField("highlight"):
-            h = request.highlight
-            tags = textsearch.highlight_options(h.pre_tag, h.post_tag, h.snippet_words)
-        scope = docfilter.token_scope(
-            collection, request.query, [[f.name, f.weight] for f in fields], request.filter
-        )
-        after = textsearch.search_position(
-            validation.decode_page_token(request.page_token, "sqlite.search", scope)
-        )
-        match = " AND ".join('"' + t.replace('"', '""') + '"' for t in terms)
-        rows = await self._select(collection, node, ctx, words=match)
-        bodies = [json.loads(r[1]) for r in rows]
-        ranked = textsearch.rank(
-            [(r[0], b) for r, b in zip(rows, bodies, strict=True)],
-            fields,
-            terms,
-            request.query,
-            after,
-        )
-        token = ""
-        if len(ranked) > size:
-            ranked = ranked[:size]
-            score, last = ranked[-1]
-            token = validation.encode_page_token("sqlite.search", scope, [score, rows[last][0]])
-        hits = []
-        for score, i in ranked:
-            hit = search_pb.SearchHit(document=to_document(rows[i]), score=score)
-            if tags is not None:
-                for name, snippet in textsearch.highlights(bodies[i], fields, terms, tags):
-                    hit.highlights.add(field=name, snippet=snippet)
-            hits.append(hit)
-        return search_pb.SearchResponse(hits=hits, next_page_token=token)
+        paging = docpages.SearchPaging.parse(request, collection, "sqlite.search")
+        match = " AND ".join('"' + t.replace('"', '""') + '"' for t in paging.terms)
+        rows = await self._select(collection, paging.node, ctx, words=match)
+        candidates = [(r[0], json.loads(r[1])) for r in rows]
+        return paging.page(candidates, lambda i: to_document(rows[i]))
 
     # -- indexing ----------------------------------------------------------------------------
 
@@ -524,9 +465,7 @@ class SqliteDocuments:
     ) -> index_pb.ListIndexesResponse:
         collection = validation.collection(request.collection)
         size = validation.page_size(request.page_size)
-        after = validation.decode_page_token(request.page_token, "sqlite.indexes", collection)
-        if after is not None and not isinstance(after, str):
-            raise InvalidArgument("page_token", "malformed page token")
+        after = validation.scan_after(request.page_token, "sqlite.indexes", collection)
 
         def job(conn: sqlite3.Connection) -> list[bytes]:
             rows = conn.execute(

@@ -7,10 +7,8 @@ counter, so a key's revision changes on every write and is never reused.
 
 from __future__ import annotations
 
-import secrets
 import sqlite3
 import time
-from dataclasses import dataclass, field
 
 from google.protobuf.duration_pb2 import Duration
 from prism.interfaces.keyvalue.v1 import (
@@ -26,20 +24,22 @@ from prism.interfaces.keyvalue.v1 import (
     keyvalue_scan_pb2 as scan_pb,
 )
 from prism.interfaces.keyvalue.v1 import (
-    keyvalue_transactional_pb2 as tx_pb,
-)
-from prism.interfaces.keyvalue.v1 import (
     keyvalue_ttl_pb2 as ttl_pb,
 )
 
 from plugins.runtime import validation
 from plugins.runtime.context import CallContext
-from plugins.runtime.errors import Aborted, AlreadyExists, InvalidArgument, NotFound
+from plugins.runtime.errors import InvalidArgument
+from plugins.runtime.keyvalue import key_exists, revision_mismatch
+from plugins.runtime.transactions import (
+    BufferedTransaction,
+    OptimisticTransactions,
+    TransactionTable,
+    conflict,
+)
 from plugins.sqlite.db import Database
 
 LIVE = "(expires_at IS NULL OR expires_at > ?)"
-DEFAULT_TX_TIMEOUT = 30.0
-MAX_TX_TIMEOUT = 300.0
 
 
 def next_revision(conn: sqlite3.Connection) -> int:
@@ -99,28 +99,12 @@ def prefix_upper_bound(prefix: str) -> str | None:
     return None
 
 
-@dataclass
-class Transaction:
-    ns: str
-    timeout: float
-    deadline: float
-    #: operations in the order sent: (key, value) or (key, None) for a delete
-    ops: list[tuple[str, bytes | None]] = field(default_factory=list)
-    #: the transaction's own view of keys it wrote (None: deleted)
-    writes: dict[str, bytes | None] = field(default_factory=dict)
-    #: revision (0: absent) of every key whose committed state the transaction looked at
-    reads: dict[str, int] = field(default_factory=dict)
-
-    def touch(self) -> None:
-        self.deadline = time.monotonic() + self.timeout
-
-
-class SqliteKeyValue:
+class SqliteKeyValue(OptimisticTransactions):
     """keyvalue_basic, _batch, _cas, _scan, _ttl and _transactional."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self.transactions: dict[str, Transaction] = {}
+        self.transactions = TransactionTable[BufferedTransaction]()
 
     # -- basic -------------------------------------------------------------------------------
 
@@ -156,17 +140,7 @@ class SqliteKeyValue:
     async def batch_set(
         self, request: batch_pb.BatchSetRequest, ctx: CallContext
     ) -> batch_pb.BatchSetResponse:
-        if not request.entries:
-            raise InvalidArgument("entries", "must not be empty")
-        if len(request.entries) > validation.MAX_BATCH:
-            raise InvalidArgument("entries", f"more than {validation.MAX_BATCH} entries")
-        entries = [
-            (
-                validation.key(e.key, f"entries[{i}].key"),
-                validation.value(e.value, f"entries[{i}].value"),
-            )
-            for i, e in enumerate(request.entries)
-        ]
+        entries = validation.batch_entries(request.entries)
 
         def job(conn: sqlite3.Connection) -> list[batch_pb.BatchSetResult]:
             return [
@@ -228,8 +202,8 @@ class SqliteKeyValue:
             current = current_revision(conn, ctx.namespace, key)
             if current != expected:
                 if expected == 0:
-                    raise AlreadyExists(f"key {key!r} already exists", reason="KEY_EXISTS", key=key)
-                raise _mismatch(key, expected, current)
+                    raise key_exists(key)
+                raise revision_mismatch(key, expected, current)
             return put(conn, ctx.namespace, key, value, None)
 
         return cas_pb.CompareAndSwapResponse(revision=await self.db.write(job))
@@ -245,7 +219,7 @@ class SqliteKeyValue:
         def job(conn: sqlite3.Connection) -> None:
             current = current_revision(conn, ctx.namespace, key)
             if current != expected:
-                raise _mismatch(key, expected, current)
+                raise revision_mismatch(key, expected, current)
             remove(conn, ctx.namespace, key)
 
         await self.db.write(job)
@@ -258,9 +232,7 @@ class SqliteKeyValue:
     ) -> tuple[list[tuple[str, bytes, int]], str]:
         """One keyset page of live entries with `prefix`, and the token for the next one."""
         size = validation.page_size(page_size)
-        after = validation.decode_page_token(page_token, kind, prefix)
-        if after is not None and not isinstance(after, str):
-            raise InvalidArgument("page_token", "malformed page token")
+        after = validation.scan_after(page_token, kind, prefix)
 
         def job(conn: sqlite3.Connection) -> list[tuple[str, bytes, int]]:
             where, params = _prefix_range(ctx.namespace, prefix)
@@ -365,96 +337,16 @@ class SqliteKeyValue:
 
     # -- transactional -----------------------------------------------------------------------
 
-    def _transaction(self, transaction_id: str, ctx: CallContext) -> Transaction:
-        txn = self.transactions.get(transaction_id)
-        if txn is not None and txn.deadline <= time.monotonic():
-            del self.transactions[transaction_id]
-            txn = None
-        if txn is None or txn.ns != ctx.namespace:
-            raise NotFound(
-                f"transaction {transaction_id!r} not found (unknown, finished or timed out)",
-                reason="TRANSACTION_NOT_FOUND",
-                transaction_id=transaction_id,
-            )
-        txn.touch()
-        return txn
+    async def _committed(self, ctx: CallContext, key: str) -> tuple[bytes, int] | None:
+        return await self.db.read(lambda c: lookup(c, ctx.namespace, key))
 
-    def purge_idle_transactions(self) -> None:
-        """Roll back (forget) transactions idle past their timeout; called by the sweeper."""
-        now = time.monotonic()
-        for tid in [t for t, txn in self.transactions.items() if txn.deadline <= now]:
-            del self.transactions[tid]
-
-    async def _committed_view(self, txn: Transaction, key: str, ctx: CallContext) -> bytes | None:
-        """The transaction's view of `key`: its own write if any, else the committed value,
-        whose revision is remembered for the conflict check at Commit."""
-        if key in txn.writes:
-            return txn.writes[key]
-        found = await self.db.read(lambda c: lookup(c, ctx.namespace, key))
-        txn.reads.setdefault(key, 0 if found is None else found[1])
-        return None if found is None else found[0]
-
-    async def begin_transaction(
-        self, request: tx_pb.BeginTransactionRequest, ctx: CallContext
-    ) -> tx_pb.BeginTransactionResponse:
-        timeout = DEFAULT_TX_TIMEOUT
-        if request.HasField("timeout"):
-            seconds = request.timeout.seconds + request.timeout.nanos / 1e9
-            if seconds < 0:
-                raise InvalidArgument("timeout", "must not be negative")
-            if seconds > MAX_TX_TIMEOUT:
-                raise InvalidArgument("timeout", "must be at most 5 minutes")
-            if seconds > 0:
-                timeout = seconds
-        transaction_id = secrets.token_urlsafe(18)
-        txn = Transaction(ns=ctx.namespace, timeout=timeout, deadline=0.0)
-        txn.touch()
-        self.transactions[transaction_id] = txn
-        return tx_pb.BeginTransactionResponse(transaction_id=transaction_id)
-
-    async def set_in_transaction(
-        self, request: tx_pb.SetInTransactionRequest, ctx: CallContext
-    ) -> tx_pb.SetInTransactionResponse:
-        key = validation.key(request.key)
-        value = validation.value(request.value)
-        txn = self._transaction(request.transaction_id, ctx)
-        txn.ops.append((key, value))
-        txn.writes[key] = value
-        return tx_pb.SetInTransactionResponse()
-
-    async def get_in_transaction(
-        self, request: tx_pb.GetInTransactionRequest, ctx: CallContext
-    ) -> tx_pb.GetInTransactionResponse:
-        key = validation.key(request.key)
-        txn = self._transaction(request.transaction_id, ctx)
-        value = await self._committed_view(txn, key, ctx)
-        if value is None:
-            return tx_pb.GetInTransactionResponse(found=False)
-        return tx_pb.GetInTransactionResponse(found=True, value=value)
-
-    async def delete_in_transaction(
-        self, request: tx_pb.DeleteInTransactionRequest, ctx: CallContext
-    ) -> tx_pb.DeleteInTransactionResponse:
-        key = validation.key(request.key)
-        txn = self._transaction(request.transaction_id, ctx)
-        existed = await self._committed_view(txn, key, ctx) is not None
-        txn.ops.append((key, None))
-        txn.writes[key] = None
-        return tx_pb.DeleteInTransactionResponse(deleted=existed)
-
-    async def commit(self, request: tx_pb.CommitRequest, ctx: CallContext) -> tx_pb.CommitResponse:
-        txn = self._transaction(request.transaction_id, ctx)
-        del self.transactions[request.transaction_id]
+    async def _apply(self, txn: BufferedTransaction, ctx: CallContext) -> None:
+        """One write transaction on the single writer connection: check, then apply."""
 
         def job(conn: sqlite3.Connection) -> None:
             for key, seen in txn.reads.items():
                 if current_revision(conn, txn.ns, key) != seen:
-                    raise Aborted(
-                        f"key {key!r} changed since the transaction read it; retry the "
-                        "whole transaction",
-                        reason="TRANSACTION_CONFLICT",
-                        key=key,
-                    )
+                    raise conflict(key)
             for key, value in txn.ops:
                 if value is None:
                     remove(conn, txn.ns, key)
@@ -462,23 +354,6 @@ class SqliteKeyValue:
                     put(conn, txn.ns, key, value, None)
 
         await self.db.write(job)
-        return tx_pb.CommitResponse()
-
-    async def rollback(
-        self, request: tx_pb.RollbackRequest, ctx: CallContext
-    ) -> tx_pb.RollbackResponse:
-        self._transaction(request.transaction_id, ctx)
-        del self.transactions[request.transaction_id]
-        return tx_pb.RollbackResponse()
-
-
-def _mismatch(key: str, expected: int, current: int) -> Aborted:
-    return Aborted(
-        f"revision of {key!r} is {current}, not {expected}",
-        reason="REVISION_MISMATCH",
-        key=key,
-        current_revision=current,
-    )
 
 
 def _prefix_range(ns: str, prefix: str) -> tuple[str, list[object]]:

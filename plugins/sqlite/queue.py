@@ -27,7 +27,8 @@ from prism.interfaces.queue.v1 import queue_visibility_pb2 as visibility_pb
 
 from plugins.runtime import validation
 from plugins.runtime.context import CallContext
-from plugins.runtime.errors import FailedPrecondition, NotFound
+from plugins.runtime.errors import FailedPrecondition
+from plugins.runtime.queues import receipt_not_found
 from plugins.sqlite.db import Database
 
 DEFAULT_VISIBILITY = 30.0
@@ -70,15 +71,6 @@ def _to_message(row: tuple[Any, ...], receipt: str = "") -> basic_pb.Message:
     )
     message.enqueue_time.FromNanoseconds(row[3])
     return message
-
-
-def _receipt_not_found(queue: str) -> NotFound:
-    return NotFound(
-        "receipt handle is not a live lease of this queue (acked, released, expired, "
-        "redelivered or never issued)",
-        reason="RECEIPT_NOT_FOUND",
-        queue=queue,
-    )
 
 
 def _move(conn: sqlite3.Connection, rowid: int, queue: str, source: str | None) -> None:
@@ -226,9 +218,7 @@ class SqliteQueue:
     async def dequeue(
         self, request: basic_pb.DequeueRequest, ctx: CallContext
     ) -> basic_pb.DequeueResponse:
-        queue = validation.queue_name(request.queue)
-        count = validation.max_messages(request.max_messages)
-        wait = validation.wait_time(request.wait_time, request.HasField("wait_time"))
+        queue, count, wait = validation.dequeue(request)
         messages = await self._lease(queue, count, wait, DEFAULT_VISIBILITY, ctx)
         return basic_pb.DequeueResponse(messages=messages)
 
@@ -264,7 +254,7 @@ class SqliteQueue:
                 (receipt, ns, queue, time.time()),
             )
             if cursor.rowcount == 0:
-                raise _receipt_not_found(queue)
+                raise receipt_not_found(queue)
 
         await self.db.write(job)
         return basic_pb.AckResponse()
@@ -274,12 +264,8 @@ class SqliteQueue:
     async def dequeue_with_timeout(
         self, request: visibility_pb.DequeueWithTimeoutRequest, ctx: CallContext
     ) -> visibility_pb.DequeueWithTimeoutResponse:
-        queue = validation.queue_name(request.queue)
-        count = validation.max_messages(request.max_messages)
-        wait = validation.wait_time(request.wait_time, request.HasField("wait_time"))
-        lease = validation.visibility_timeout(
-            request.visibility_timeout, request.HasField("visibility_timeout")
-        )
+        queue, count, wait = validation.dequeue(request)
+        lease = validation.lease(request)
         messages = await self._lease(queue, count, wait, lease, ctx)
         return visibility_pb.DequeueWithTimeoutResponse(messages=messages)
 
@@ -288,9 +274,7 @@ class SqliteQueue:
     ) -> visibility_pb.ExtendVisibilityResponse:
         queue = validation.queue_name(request.queue)
         receipt = validation.receipt_handle(request.receipt_handle)
-        lease = validation.visibility_timeout(
-            request.visibility_timeout, request.HasField("visibility_timeout")
-        )
+        lease = validation.lease(request)
         ns = ctx.namespace
 
         def job(conn: sqlite3.Connection) -> float:
@@ -301,7 +285,7 @@ class SqliteQueue:
                 (now + lease, receipt, ns, queue, now),
             )
             if cursor.rowcount == 0:
-                raise _receipt_not_found(queue)
+                raise receipt_not_found(queue)
             return now + lease
 
         ends = Timestamp()
@@ -322,7 +306,7 @@ class SqliteQueue:
                 (receipt, ns, queue, time.time()),
             ).fetchone()
             if row is None:
-                raise _receipt_not_found(queue)
+                raise receipt_not_found(queue)
             config = _dead_letter_config(conn, ns, queue)
             if config is not None and row[1] >= config[1]:
                 _move(conn, row[0], config[0], queue)

@@ -23,49 +23,7 @@ from plugins.runtime import docfilter
 from plugins.runtime.context import CallContext
 from plugins.sqlite import SqlitePlugin
 from plugins.sqlite.document import DOC_COLUMNS, select_statement
-
-SCALARS: list[Any] = [None, True, False, 0, 1, 1.0, 2.5, -3, 10**20, "", "a", "b", "1", "é", "ab"]
-PATHS = ["a", "b", "n.x", "n.y"]
-
-
-def random_value(rng: random.Random, depth: int = 0) -> Any:
-    roll = rng.random()
-    if roll < 0.6 or depth > 1:
-        return rng.choice(SCALARS)
-    if roll < 0.85:
-        return [random_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
-    return {"x": random_value(rng, depth + 1)}
-
-
-def random_body(rng: random.Random) -> dict[str, Any]:
-    body: dict[str, Any] = {}
-    for name in ("a", "b"):
-        if rng.random() < 0.8:
-            body[name] = random_value(rng)
-    if rng.random() < 0.7:
-        body["n"] = rng.choice([{"x": random_value(rng), "y": rng.choice(SCALARS)}, [1], 3])
-    return body
-
-
-def random_filter(rng: random.Random, depth: int = 0) -> dict[str, Any]:
-    roll = rng.random()
-    if depth < 2 and roll < 0.2:
-        combinator = rng.choice(["$and", "$or"])
-        return {combinator: [random_filter(rng, depth + 1) for _ in range(rng.randint(1, 3))]}
-    if depth < 2 and roll < 0.3:
-        return {"$not": random_filter(rng, depth + 1)}
-    path = rng.choice(PATHS)
-    op = rng.choice(["$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$all", "$exists"])
-    operand: Any
-    if op in ("$gt", "$gte", "$lt", "$lte"):
-        operand = rng.choice([v for v in SCALARS if docfilter.kind(v) in ("number", "string")])
-    elif op in ("$in", "$nin", "$all"):
-        operand = rng.sample(SCALARS, rng.randint(0, 3))
-    elif op == "$exists":
-        operand = rng.random() < 0.5
-    else:
-        operand = rng.choice(SCALARS)
-    return {path: {op: operand}}
+from tests.support.documents import check_filters_and_sort, check_random_aggregate, insert_random
 
 
 @pytest.fixture
@@ -92,95 +50,13 @@ async def test_filters_and_sort_agree_with_reference(plugin: SqlitePlugin, index
         await create_index(plugin, "by_a_b", ["a", "b"], ctx)
         await create_index(plugin, "by_nx", ["n.x"], ctx)
         await create_index(plugin, "by_ny", ["n.y"], ctx)
-    bodies: dict[str, dict[str, Any]] = {}
-    for i in range(60):
-        body = random_body(rng)
-        doc_id = f"d{i:02d}"
-        req = basic_pb.InsertRequest(collection="c", id=doc_id, json=json.dumps(body))
-        await plugin.documents.insert(req, ctx)
-        bodies[doc_id] = body
+    bodies = await insert_random(plugin.documents, rng, ctx, 60)
 
-    for _ in range(150):
-        flt = random_filter(rng)
-        node = docfilter.parse_filter(json.dumps(flt))
-        sort_fields = [(rng.choice(PATHS), rng.random() < 0.5) for _ in range(rng.randint(0, 2))]
-        spec = docfilter.parse_sort(sort_fields)
-        expected = [
-            doc_id
-            for key, doc_id in spec.sort(
-                (spec.key(i, b), i) for i, b in bodies.items() if docfilter.matches(node, b)
-            )
-        ]
-        got: list[str] = []
-        token = ""
-        while True:
-            resp = await plugin.documents.find(
-                query_pb.FindRequest(
-                    collection="c",
-                    filter=json.dumps(flt),
-                    sort=[query_pb.SortField(field=p, descending=d) for p, d in sort_fields],
-                    page_size=7,
-                    page_token=token,
-                ),
-                ctx,
-            )
-            got += [d.id for d in resp.documents]
-            token = resp.next_page_token
-            if not token:
-                break
-        assert got == expected, (flt, sort_fields)
-        count = await plugin.documents.count(
-            query_pb.CountRequest(collection="c", filter=json.dumps(flt)), ctx
-        )
-        assert count.count == len(expected), flt
-        await check_aggregate(plugin, rng, flt, [bodies[i] for i in expected], ctx)
+    async def aggregate_agrees(flt: dict[str, Any], expected: list[str]) -> None:
+        matching = [bodies[i] for i in expected]
+        await check_random_aggregate(plugin.documents, rng, flt, matching, ctx)
 
-
-OPS = {
-    "count": query_pb.ACCUMULATOR_OP_COUNT,
-    "sum": query_pb.ACCUMULATOR_OP_SUM,
-    "min": query_pb.ACCUMULATOR_OP_MIN,
-    "max": query_pb.ACCUMULATOR_OP_MAX,
-    "avg": query_pb.ACCUMULATOR_OP_AVG,
-}
-
-
-async def check_aggregate(
-    plugin: SqlitePlugin,
-    rng: random.Random,
-    flt: dict[str, Any],
-    matching: list[dict[str, Any]],
-    ctx: CallContext,
-) -> None:
-    """Aggregate (which reads only the grouped and accumulated values in SQL) agrees with the
-    reference grouping of the matching bodies, page by page."""
-    group_by = rng.choice(["", *PATHS])
-    unwind = bool(group_by) and rng.random() < 0.5
-    accumulators = [(rng.choice(list(OPS)), rng.choice(PATHS)) for _ in range(rng.randint(0, 2))]
-    spec = docfilter.parse_aggregate(group_by, unwind, accumulators)
-    expected = [(g.key_json, g.count, v) for g, v in docfilter.aggregate(matching, spec)]
-    got: list[tuple[str, int, list[str]]] = []
-    token = ""
-    while True:
-        resp = await plugin.documents.aggregate(
-            query_pb.AggregateRequest(
-                collection="c",
-                filter=json.dumps(flt),
-                group_by=group_by,
-                unwind=unwind,
-                accumulators=[
-                    query_pb.Accumulator(op=OPS[op], field=path) for op, path in accumulators
-                ],
-                page_size=5,
-                page_token=token,
-            ),
-            ctx,
-        )
-        got += [(g.key_json, g.count, list(g.values_json)) for g in resp.groups]
-        token = resp.next_page_token
-        if not token:
-            break
-    assert got == expected, (flt, group_by, unwind, accumulators)
+    await check_filters_and_sort(plugin.documents, bodies, rng, ctx, also=aggregate_agrees)
 
 
 def plan(conn: sqlite3.Connection, flt: dict[str, Any], words: str | None = None) -> list[str]:
