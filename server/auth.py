@@ -45,6 +45,7 @@ from plugins.runtime import errors
 from plugins.runtime.context import CallContext
 from plugins.runtime.grpc_adapter import NAMESPACE_HEADER, abort, current_request_id
 from server.audit import AuditLog, AuditRecord
+from server.authz import Level, Principal, current_principal, principal_for
 
 log = logging.getLogger("prism.auth")
 
@@ -91,6 +92,10 @@ class Identity:
     @property
     def name(self) -> str:
         return f"key:{self.key_id}"
+
+    def principal(self, grant: Level) -> Principal:
+        """This key as authorization sees it in a namespace granting its organization `grant`."""
+        return principal_for(self.key_id, self.organization, self.owner, self.roles, grant)
 
 
 #: the caller of the call being handled; None when unauthenticated (auth off, or denied)
@@ -393,7 +398,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     "MISSING_CREDENTIALS",
                     "this server requires an API key: send 'authorization: Bearer <key>'",
                 )
-            current_identity.set(await self.keys.verify(header))
+            identity = await self.keys.verify(header)
+            current_identity.set(identity)
+            current_principal.set(identity.principal(Level.ADMIN))
         except errors.PrismError as exc:
             if "key_id" in exc.metadata:
                 _refused_key.set(f"key:{exc.metadata['key_id']}")
