@@ -113,6 +113,9 @@ class RateRule:
     method: str
     rate: float
     burst: int
+    #: what a call matching this rule gets when the bucket store fails: "deny" (UNAVAILABLE,
+    #: retryable) or "allow" (the call proceeds unlimited); from `rate_limits.on_store_error`
+    on_store_error: str = "deny"
 
 
 @dataclass(frozen=True)
@@ -326,7 +329,10 @@ def _check_rate_limits(
     store = _server_slot(
         src, reg, ("rate_limits", "store"), data["store"], RATE_LIMIT_STORE_INTERFACES, diags
     )
-    rules = [RateRule(r["method"], float(r["rate"]), int(r["burst"])) for r in data["rules"]]
+    on_error = data.get("on_store_error", "deny")
+    rules = [
+        RateRule(r["method"], float(r["rate"]), int(r["burst"]), on_error) for r in data["rules"]
+    ]
     return RateLimitConfig(store, rules)
 
 
