@@ -13,6 +13,7 @@ from prism.patterns.artifact_registry.v1 import artifact_registry_pb2 as pb
 
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import FailedPrecondition, PrismError, ResourceExhausted
+from server.authz import current_principal
 from server.patterns.artifact_registry import model
 
 TOPIC = "prism-artifact-changes"
@@ -35,6 +36,7 @@ class ChangeFeed:
             slug=doc["slug"],
             version=doc["version"],
             time=ts,
+            visibility=pb.Visibility.Value(f"VISIBILITY_{doc['visibility'].upper()}"),
         )
         if self.pubsub is not None:
             # the write already happened: a lost event must not turn it into an error
@@ -60,13 +62,22 @@ class ChangeFeed:
                 reason="RESUME_UNSUPPORTED",
             )
         org = request.organization
+        principal = current_principal.get()
+
+        def wanted(change: pb.ArtifactChange) -> bool:
+            """The watcher's organization filter, and only what it may list (authorization)."""
+            if org and change.organization != org:
+                return False
+            listed = change.visibility == pb.VISIBILITY_PUBLIC
+            return listed or principal.member_of(change.organization)
+
         if self.pubsub is not None:
             async for event in self.pubsub.subscribe(pubsub_pb.SubscribeRequest(topic=TOPIC), ctx):
                 if event.HasField("started"):
                     yield pb.WatchArtifactsResponse(started=True)
                     continue
                 change = pb.ArtifactChange.FromString(event.message.payload)
-                if not org or change.organization == org:
+                if wanted(change):
                     yield pb.WatchArtifactsResponse(change=change)
             return
         queue: asyncio.Queue[pb.ArtifactChange | None] = asyncio.Queue()
@@ -77,7 +88,7 @@ class ChangeFeed:
                 item = await queue.get()
                 if item is None:
                     raise ResourceExhausted("watcher fell behind", reason="SLOW_WATCHER")
-                if not org or item.organization == org:
+                if wanted(item):
                     yield pb.WatchArtifactsResponse(change=item)
         finally:
             self.local.discard(queue)

@@ -17,6 +17,7 @@ from prism.patterns.artifact_registry.v1 import artifact_registry_pb2 as pb
 
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import FailedPrecondition, InvalidArgument, PrismError
+from server.authz import Level, current_principal
 from server.patterns.artifact_registry import model
 from server.patterns.artifact_registry.model import ARTIFACTS
 from server.patterns.artifact_registry.store import Stored
@@ -154,6 +155,10 @@ async def import_pack(
     registry: ArtifactRegistry, request: pb.ImportPackRequest, ctx: CallContext
 ) -> AsyncIterator[pb.ImportPackResponse]:
     _, artifacts = _structure(list(request.chunks))
+    principal = current_principal.get()
+    for organization in sorted({a.organization for a in artifacts}):
+        # before anything else, so a pack learns nothing about organizations it may not write
+        principal.require(organization, Level.ADMIN, "ImportPack")
     issues: list[pb.ImportIssue] = []
     plan: list[tuple[pb.Artifact, dict[str, Any], Stored | None]] = []
     in_pack: dict[str, list[str]] = {}
@@ -201,7 +206,7 @@ async def import_pack(
             if any(wanted.matches(parse_version(v)) for v in in_pack.get(dep["name"], [])):
                 continue
             org, _, slug = dep["name"].partition("/")
-            here = await registry._lineage_versions(org, slug, ctx)
+            here = await registry.visible_versions(org, slug, ctx)
             if not any(
                 s.doc["state"] == "published" and wanted.matches(parse_version(s.doc["version"]))
                 for s in here

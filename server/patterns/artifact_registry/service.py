@@ -22,7 +22,9 @@ from plugins.runtime.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
 )
+from server.authz import SYSTEM, Level, Principal, current_principal
 from server.patterns.artifact_registry import model
 from server.patterns.artifact_registry.cache import ArtifactCache
 from server.patterns.artifact_registry.events import ChangeFeed
@@ -71,10 +73,33 @@ def _id(value: str, field: str = "id") -> str:
     return value
 
 
+def listing_scope(principal: Principal) -> dict[str, Any] | None:
+    """What a caller's listings may contain (docs/authorization.md): live public artifacts and
+    everything of its own organization; None (no limit) for the system and server admins."""
+    if principal.sees_everything:
+        return None
+    public: dict[str, Any] = {"$and": [{"visibility": "public"}, {"deleted": False}]}
+    if not principal.organization:
+        return public
+    return {"$or": [public, {"organization": principal.organization}]}
+
+
+def discovery_scope(principal: Principal) -> dict[str, Any]:
+    """What tags, skills, trending and related artifacts are drawn from: public artifacts and,
+    for a member, its organization's private ones (never unlisted ones)."""
+    if not principal.organization:
+        return {"visibility": "public"}
+    own = {"$and": [{"organization": principal.organization}, {"visibility": "private"}]}
+    return {"$or": [{"visibility": "public"}, own]}
+
+
 def artifact_filter(f: pb.ArtifactFilter, *, listing: bool = True) -> dict[str, Any]:
-    """ArtifactFilter → the document filter language. Listings hide unlisted artifacts unless
-    the filter asks for that visibility."""
+    """ArtifactFilter → the document filter language, limited to what the caller may list.
+    Listings hide unlisted artifacts unless the filter asks for that visibility."""
     clauses: list[dict[str, Any]] = []
+    scope = listing_scope(current_principal.get())
+    if scope is not None:
+        clauses.append(scope)
     if f.types:
         names = [model.TYPE_NAMES.get(t) for t in f.types]
         if None in names:
@@ -111,6 +136,57 @@ def artifact_filter(f: pb.ArtifactFilter, *, listing: bool = True) -> dict[str, 
     return {"$and": clauses} if clauses else {}
 
 
+def _visible(doc: dict[str, Any]) -> bool:
+    """Whether the caller may know this version exists: members see their organization's, others
+    live public and unlisted ones."""
+    if current_principal.get().member_of(doc["organization"]):
+        return True
+    return doc["visibility"] != "private" and not doc["deleted"]
+
+
+def _may_edit(doc: dict[str, Any], what: str) -> None:
+    """UpdateArtifact and new versions: write access in the artifact's organization."""
+    current_principal.get().require(doc["organization"], Level.WRITE, what)
+
+
+def _may_manage(doc: dict[str, Any], what: str) -> None:
+    """Publish, deprecate, roll back, delete, undelete: admin, or an owner with write access."""
+    principal = current_principal.get()
+    organization = doc["organization"]
+    owner_with_write = principal.owns(organization, doc["owner"]) and (
+        principal.level_in(organization) >= Level.WRITE
+    )
+    if not owner_with_write:
+        principal.require(organization, Level.ADMIN, what)
+
+
+def _rule(
+    check: Callable[[dict[str, Any], str], None], what: str
+) -> Callable[[dict[str, Any]], None]:
+    return lambda doc: check(doc, what)
+
+
+def _may_administer(doc: dict[str, Any], what: str) -> None:
+    current_principal.get().require(doc["organization"], Level.ADMIN, what)
+
+
+def _star_user(requested: str) -> str:
+    """Stars are given as the caller: an API key stars for its owner (or `key:<id>`)."""
+    principal = current_principal.get()
+    user = requested.strip()
+    if principal is SYSTEM:
+        if not user:
+            raise InvalidArgument("user", "is required")
+        return user
+    if user and user != principal.user:
+        raise PermissionDenied(
+            f"this API key acts for '{principal.user}', not '{user}'",
+            reason="USER_MISMATCH",
+            user=principal.user,
+        )
+    return principal.user
+
+
 def _star_id(artifact_id: str, user: str) -> str:
     return hashlib.sha256(f"{artifact_id}\0{user}".encode()).hexdigest()[:32]
 
@@ -135,7 +211,7 @@ class ArtifactRegistry:
         self.cache = cache
         self.feed = feed
         self.searcher = search
-        self.resolver = DependencyResolver(self._lineage_versions)
+        self.resolver = DependencyResolver(self.visible_versions)
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -151,7 +227,8 @@ class ArtifactRegistry:
                     f"artifact {doc_id} not found", reason="ARTIFACT_NOT_FOUND", id=doc_id
                 )
             await self.cache.put(stored, generation, ctx)
-        if stored.doc["deleted"] and not include_deleted:
+        hidden = stored.doc["deleted"] and not include_deleted
+        if hidden or not _visible(stored.doc):
             raise NotFound(f"artifact {doc_id} not found", reason="ARTIFACT_NOT_FOUND", id=doc_id)
         self._verify(stored)
         return stored
@@ -176,6 +253,13 @@ class ArtifactRegistry:
             filter_["deleted"] = False
         return [s async for s in self.store.find_all(ARTIFACTS, filter_, ctx)]
 
+    async def visible_versions(
+        self, organization: str, slug: str, ctx: CallContext, include_deleted: bool = False
+    ) -> list[Stored]:
+        """The lineage's versions the caller may see: what resolution and listings use."""
+        versions = await self._lineage_versions(organization, slug, ctx, include_deleted)
+        return [s for s in versions if _visible(s.doc)]
+
     async def _resolve_slug(
         self, organization: str, slug: str, version: str, ctx: CallContext, drafts: bool = False
     ) -> Stored:
@@ -197,7 +281,7 @@ class ArtifactRegistry:
         wanted = parse_range(version, "version")
         candidates = {
             parse_version(s.doc["version"]): s
-            for s in await self._lineage_versions(organization, slug, ctx)
+            for s in await self.visible_versions(organization, slug, ctx)
             if s.doc["state"] == "published" or (drafts and s.doc["state"] == "draft")
         }
         best = wanted.best(candidates)
@@ -221,12 +305,17 @@ class ArtifactRegistry:
         ctx: CallContext,
         expected_revision: int = 0,
         include_deleted: bool = False,
+        authorize: Callable[[dict[str, Any]], None] | None = None,
     ) -> Stored:
         """Read-modify-write of one version with the store's revision check; retried on
-        conflicts only when the caller gave no expected revision (then every retry re-reads)."""
+        conflicts only when the caller gave no expected revision (then every retry re-reads).
+        `authorize` sees the current document first and raises if the caller may not change it
+        (the read itself already hides what the caller may not see)."""
         for _ in range(CAS_RETRIES):
             await self.cache.invalidate(doc_id, ctx)
             current = await self._load(doc_id, ctx, include_deleted=include_deleted)
+            if authorize is not None:
+                authorize(current.doc)
             if expected_revision and current.revision != expected_revision:
                 raise Aborted(
                     f"artifact {doc_id} is at revision {current.revision}, not {expected_revision}",
@@ -328,9 +417,21 @@ class ArtifactRegistry:
     async def create_artifact(
         self, request: pb.CreateArtifactRequest, ctx: CallContext
     ) -> pb.CreateArtifactResponse:
+        principal = current_principal.get()
+        organization = request.artifact.organization
+        principal.require(organization, Level.WRITE, "CreateArtifact")
         at = model.now()
         doc = model.new_version_doc(request.artifact, at)
+        if not doc["owner"]:
+            doc["owner"] = principal.owner
+        elif doc["owner"] != principal.owner and principal.level_in(organization) < Level.ADMIN:
+            raise PermissionDenied(
+                f"only an admin may create an artifact owned by someone else ('{doc['owner']}')",
+                reason="OWNER_MISMATCH",
+                owner=doc["owner"],
+            )
         if request.publish:
+            _may_manage(doc, "CreateArtifact with publish")
             doc.update(state="published", publish_time=at, changelog=request.changelog)
         stored = await self._insert_version(doc, ctx)
         if request.publish:
@@ -364,6 +465,7 @@ class ArtifactRegistry:
                 raise InvalidArgument("update_mask", f"'{path}' cannot be updated")
         new = request.artifact
         current = await self._load(_id(new.id, "artifact.id"), ctx)
+        _may_edit(current.doc, "UpdateArtifact")
         edits = self._edits(current.doc, new, paths)
         if "version" in paths and edits["version"] != current.doc["version"]:
             return await self._new_version(current, edits, ctx)
@@ -378,7 +480,13 @@ class ArtifactRegistry:
         def apply(doc: dict[str, Any]) -> None:
             doc.update(edits)
 
-        stored = await self._mutate(current.id, apply, ctx, request.expected_revision)
+        stored = await self._mutate(
+            current.id,
+            apply,
+            ctx,
+            request.expected_revision,
+            authorize=_rule(_may_edit, "UpdateArtifact"),
+        )
         await self.feed.emit(pb.CHANGE_KIND_UPDATED, stored.id, stored.doc, ctx)
         return pb.UpdateArtifactResponse(artifact=self._artifact(stored))
 
@@ -440,7 +548,10 @@ class ArtifactRegistry:
         def soft_delete(doc: dict[str, Any]) -> None:
             doc.update(deleted=True, delete_time=model.now(), is_latest=False)
 
-        stored = await self._mutate(_id(request.id), soft_delete, ctx, request.expected_revision)
+        stored = await self._mutate(
+            _id(request.id), soft_delete, ctx, request.expected_revision,
+            authorize=_rule(_may_manage, "DeleteArtifact"),
+        )  # fmt: skip
         await self.feed.emit(pb.CHANGE_KIND_DELETED, stored.id, stored.doc, ctx)
         await self._refresh_latest(stored.doc["organization"], stored.doc["slug"], ctx)
         return pb.DeleteArtifactResponse(artifact=self._artifact(await self._reload(stored, ctx)))
@@ -451,7 +562,10 @@ class ArtifactRegistry:
         def restore(doc: dict[str, Any]) -> None:
             doc.update(deleted=False, delete_time=None)
 
-        stored = await self._mutate(_id(request.id), restore, ctx, include_deleted=True)
+        stored = await self._mutate(
+            _id(request.id), restore, ctx, include_deleted=True,
+            authorize=_rule(_may_manage, "UndeleteArtifact"),
+        )  # fmt: skip
         await self.feed.emit(pb.CHANGE_KIND_UNDELETED, stored.id, stored.doc, ctx)
         await self._refresh_latest(stored.doc["organization"], stored.doc["slug"], ctx)
         return pb.UndeleteArtifactResponse(artifact=self._artifact(await self._reload(stored, ctx)))
@@ -478,6 +592,7 @@ class ArtifactRegistry:
         self, request: pb.PurgeArtifactRequest, ctx: CallContext
     ) -> pb.PurgeArtifactResponse:
         stored = await self._load(_id(request.id), ctx, include_deleted=True)
+        _may_administer(stored.doc, "PurgeArtifact")
         dependents = await self.dependents(stored, ctx)
         if dependents and not request.force:
             raise FailedPrecondition(
@@ -555,7 +670,7 @@ class ArtifactRegistry:
         scope = model.lineage(request.organization, request.slug)
         after = validation.decode_page_token(request.page_token, "versions", scope)
         versions = sorted(
-            await self._lineage_versions(
+            await self.visible_versions(
                 request.organization, request.slug, ctx, request.include_deleted
             ),
             key=lambda s: parse_version(s.doc["version"]),
@@ -596,7 +711,10 @@ class ArtifactRegistry:
                 )
             doc.update(state="published", publish_time=model.now(), changelog=request.changelog)
 
-        stored = await self._mutate(_id(request.id), publish, ctx, request.expected_revision)
+        stored = await self._mutate(
+            _id(request.id), publish, ctx, request.expected_revision,
+            authorize=_rule(_may_manage, "PublishVersion"),
+        )  # fmt: skip
         await self.feed.emit(pb.CHANGE_KIND_PUBLISHED, stored.id, stored.doc, ctx)
         await self._after_publish(stored.doc["organization"], stored.doc["slug"], ctx)
         return pb.PublishVersionResponse(artifact=self._artifact(await self._reload(stored, ctx)))
@@ -612,7 +730,9 @@ class ArtifactRegistry:
                 )
             doc.update(state="deprecated", deprecation_reason=request.reason)
 
-        stored = await self._mutate(_id(request.id), deprecate, ctx)
+        stored = await self._mutate(
+            _id(request.id), deprecate, ctx, authorize=_rule(_may_manage, "DeprecateVersion")
+        )
         await self.feed.emit(pb.CHANGE_KIND_DEPRECATED, stored.id, stored.doc, ctx)
         await self._refresh_latest(stored.doc["organization"], stored.doc["slug"], ctx)
         return pb.DeprecateVersionResponse(artifact=self._artifact(await self._reload(stored, ctx)))
@@ -626,6 +746,7 @@ class ArtifactRegistry:
         target = await self._load(
             model.version_id(request.organization, request.slug, version), ctx
         )
+        _may_manage(target.doc, "RollbackVersion")
         if target.doc["state"] != "published":
             raise FailedPrecondition(
                 f"{target.doc['lineage']}@{version} is {target.doc['state']}, not published",
@@ -657,9 +778,14 @@ class ArtifactRegistry:
     async def _counts(
         self, field: str, organization: str, page_size: int, page_token: str, ctx: CallContext
     ) -> tuple[list[pb.TagCount], str]:
-        filter_: dict[str, Any] = {"is_latest": True, "deleted": False, "visibility": "public"}
+        clauses: list[dict[str, Any]] = [
+            {"is_latest": True},
+            {"deleted": False},
+            discovery_scope(current_principal.get()),
+        ]
         if organization:
-            filter_["organization"] = organization
+            clauses.append({"organization": organization})
+        filter_ = {"$and": clauses}
         groups, token = await self.store.aggregate(
             ARTIFACTS,
             filter_,
@@ -691,10 +817,8 @@ class ArtifactRegistry:
         limit = request.limit or 10
         if not 0 < limit <= 100:
             raise InvalidArgument("limit", "must be between 1 and 100")
-        f = pb.ArtifactFilter(
-            types=request.types, latest_only=True, visibility=pb.VISIBILITY_PUBLIC
-        )
-        filter_ = artifact_filter(f)
+        filter_ = artifact_filter(pb.ArtifactFilter(types=request.types, latest_only=True))
+        filter_["$and"].append(discovery_scope(current_principal.get()))
         filter_["$and"].append({"stats.trend": {"$exists": True}})
         filter_["$and"].append({"stats.trend": {"$ne": None}})
         page, _ = await self.store.find(
@@ -731,7 +855,7 @@ class ArtifactRegistry:
                 {"$or": shared},
                 {"is_latest": True},
                 {"deleted": False},
-                {"visibility": "public"},
+                discovery_scope(current_principal.get()),
                 {"lineage": {"$ne": base.doc["lineage"]}},
             ]
         }
@@ -792,9 +916,7 @@ class ArtifactRegistry:
         self, request: pb.StarArtifactRequest, ctx: CallContext
     ) -> pb.StarArtifactResponse:
         stored = await self._load(_id(request.id), ctx)
-        user = request.user.strip()
-        if not user:
-            raise InvalidArgument("user", "is required")
+        user = _star_user(request.user)
         try:
             await self.store.insert(
                 STARS,
@@ -812,9 +934,8 @@ class ArtifactRegistry:
         self, request: pb.UnstarArtifactRequest, ctx: CallContext
     ) -> pb.UnstarArtifactResponse:
         stored = await self._load(_id(request.id), ctx)
-        if not request.user.strip():
-            raise InvalidArgument("user", "is required")
-        await self.store.delete(STARS, _star_id(stored.id, request.user.strip()), ctx)
+        user = _star_user(request.user)
+        await self.store.delete(STARS, _star_id(stored.id, user), ctx)
         stored = await self._recount_stars(stored.id, False, ctx)
         return pb.UnstarArtifactResponse(stats=self._artifact(stored).stats)
 
@@ -847,9 +968,21 @@ class ArtifactRegistry:
             update_time=_ts(doc["update_time"]),
         )
 
-    async def _load_collection(self, collection_id: str, ctx: CallContext) -> Stored:
-        stored = await self.store.get(COLLECTIONS, _id(collection_id, "collection_id"), ctx)
-        if stored is None:
+    async def _load_collection(
+        self,
+        collection_id: str,
+        ctx: CallContext,
+        needed: Level = Level.READ,
+        what: str = "",
+        field: str = "collection_id",
+    ) -> Stored:
+        """A collection of the caller's organization (NOT_FOUND for others': collections are
+        private to their organization), checked for the `needed` level."""
+        stored = await self.store.get(COLLECTIONS, _id(collection_id, field), ctx)
+        principal = current_principal.get()
+        if stored is not None and principal.member_of(stored.doc["organization"]):
+            principal.require(stored.doc["organization"], needed, what)
+        else:
             raise NotFound(
                 f"collection {collection_id} not found",
                 reason="COLLECTION_NOT_FOUND",
@@ -858,10 +991,14 @@ class ArtifactRegistry:
         return stored
 
     async def _edit_collection(
-        self, collection_id: str, change: Callable[[list[str]], list[str]], ctx: CallContext
+        self,
+        collection_id: str,
+        change: Callable[[list[str]], list[str]],
+        ctx: CallContext,
+        what: str,
     ) -> pb.Collection:
         for _ in range(CAS_RETRIES):
-            current = await self._load_collection(collection_id, ctx)
+            current = await self._load_collection(collection_id, ctx, Level.WRITE, what)
             doc = {
                 **current.doc,
                 "artifact_ids": change(list(current.doc["artifact_ids"])),
@@ -880,6 +1017,7 @@ class ArtifactRegistry:
         self, request: pb.CreateCollectionRequest, ctx: CallContext
     ) -> pb.CreateCollectionResponse:
         c = request.collection
+        current_principal.get().require(c.organization, Level.WRITE, "CreateCollection")
         model.check_organization(c.organization, "collection.organization")
         if not c.name.strip():
             raise InvalidArgument("collection.name", "is required")
@@ -903,17 +1041,21 @@ class ArtifactRegistry:
         self, request: pb.GetCollectionRequest, ctx: CallContext
     ) -> pb.GetCollectionResponse:
         return pb.GetCollectionResponse(
-            collection=self._collection(await self._load_collection(request.id, ctx))
+            collection=self._collection(await self._load_collection(request.id, ctx, field="id"))
         )
 
     async def list_collections(
         self, request: pb.ListCollectionsRequest, ctx: CallContext
     ) -> pb.ListCollectionsResponse:
-        filter_ = (
-            {"organization": model.check_organization(request.organization, "organization")}
-            if request.organization
-            else {}
-        )
+        clauses: list[dict[str, Any]] = []
+        if request.organization:
+            organization = model.check_organization(request.organization, "organization")
+            clauses.append({"organization": organization})
+        principal = current_principal.get()
+        if not principal.sees_everything:
+            # collections are private to their organization: only the caller's are listed
+            clauses.append({"organization": principal.organization})
+        filter_ = {"$and": clauses} if clauses else {}
         page, token = await self.store.find(
             COLLECTIONS,
             filter_,
@@ -929,6 +1071,7 @@ class ArtifactRegistry:
     async def add_to_collection(
         self, request: pb.AddToCollectionRequest, ctx: CallContext
     ) -> pb.AddToCollectionResponse:
+        await self._load_collection(request.collection_id, ctx, Level.WRITE, "AddToCollection")
         artifact_id = (await self._load(_id(request.artifact_id, "artifact_id"), ctx)).id
 
         def add(ids: list[str]) -> list[str]:
@@ -939,7 +1082,7 @@ class ArtifactRegistry:
             position = len(ids) if request.position < 0 else min(request.position, len(ids))
             return [*ids[:position], artifact_id, *ids[position:]]
 
-        collection = await self._edit_collection(request.collection_id, add, ctx)
+        collection = await self._edit_collection(request.collection_id, add, ctx, "AddToCollection")
         return pb.AddToCollectionResponse(collection=collection)
 
     async def remove_from_collection(
@@ -953,7 +1096,9 @@ class ArtifactRegistry:
                 )
             return [i for i in ids if i != request.artifact_id]
 
-        collection = await self._edit_collection(request.collection_id, remove, ctx)
+        collection = await self._edit_collection(
+            request.collection_id, remove, ctx, "RemoveFromCollection"
+        )
         return pb.RemoveFromCollectionResponse(collection=collection)
 
     async def reorder_collection(
@@ -967,12 +1112,15 @@ class ArtifactRegistry:
                 )
             return wanted
 
-        collection = await self._edit_collection(request.collection_id, reorder, ctx)
+        collection = await self._edit_collection(
+            request.collection_id, reorder, ctx, "ReorderCollection"
+        )
         return pb.ReorderCollectionResponse(collection=collection)
 
     async def delete_collection(
         self, request: pb.DeleteCollectionRequest, ctx: CallContext
     ) -> pb.DeleteCollectionResponse:
+        await self._load_collection(request.id, ctx, Level.ADMIN, "DeleteCollection", "id")
         if not await self.store.delete(COLLECTIONS, _id(request.id), ctx):
             raise NotFound(f"collection {request.id} not found", reason="COLLECTION_NOT_FOUND")
         return pb.DeleteCollectionResponse()
@@ -999,7 +1147,13 @@ class ArtifactRegistry:
         return self.feed.watch(request, ctx)
 
     async def get_stats(self, request: pb.GetStatsRequest, ctx: CallContext) -> pb.GetStatsResponse:
-        live = {"deleted": False}
+        scope = listing_scope(current_principal.get())
+        live: dict[str, Any] = (
+            {"deleted": False} if scope is None else {"$and": [scope, {"deleted": False}]}
+        )
+        gone: dict[str, Any] = (
+            {"deleted": True} if scope is None else {"$and": [scope, {"deleted": True}]}
+        )
         by: dict[str, dict[str, int]] = {}
         storage = 0
         for field in ("type", "visibility", "organization"):
@@ -1011,7 +1165,7 @@ class ArtifactRegistry:
                 storage = int(sum(s or 0 for _, _, s in groups))
         total, deleted = await asyncio.gather(
             self.store.count(ARTIFACTS, live, ctx),
-            self.store.count(ARTIFACTS, {"deleted": True}, ctx),
+            self.store.count(ARTIFACTS, gone, ctx),
         )
         return pb.GetStatsResponse(
             total_artifacts=total,

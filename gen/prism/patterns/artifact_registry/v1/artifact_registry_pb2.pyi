@@ -2405,7 +2405,9 @@ class WatchArtifactsRequest(_message.Message):
     ORGANIZATION_FIELD_NUMBER: _builtins.int
     RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     organization: _builtins.str
-    """Only events of this organization (all when empty)."""
+    """Only events of this organization (all when empty). With authentication on, a watcher sees
+    changes of public versions and of every version of its own organization.
+    """
     resume_token: _builtins.str
     """Resume after this token (from an earlier event)."""
     def __init__(
@@ -2433,6 +2435,7 @@ class ArtifactChange(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
     RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    VISIBILITY_FIELD_NUMBER: _builtins.int
     kind: Global___ChangeKind.ValueType
     id: _builtins.str
     organization: _builtins.str
@@ -2440,6 +2443,10 @@ class ArtifactChange(_message.Message):
     version: _builtins.str
     resume_token: _builtins.str
     """Opaque position to resume after this event; empty when the events backend cannot resume."""
+    visibility: Global___Visibility.ValueType
+    """The version's visibility after the change: watchers of other organizations get only
+    changes of public versions.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -2452,10 +2459,11 @@ class ArtifactChange(_message.Message):
         version: _builtins.str = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
         resume_token: _builtins.str = ...,
+        visibility: Global___Visibility.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "kind", b"kind", "organization", b"organization", "resume_token", b"resume_token", "slug", b"slug", "time", b"time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "kind", b"kind", "organization", b"organization", "resume_token", b"resume_token", "slug", b"slug", "time", b"time", "version", b"version", "visibility", b"visibility"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
