@@ -9,6 +9,11 @@ refilled anyway. A denied call writes nothing, and its retry delay is remembered
 bucket cannot refill before then (tokens only come from time), so until that moment this
 replica denies without asking the store.
 
+When the store fails (down, timing out), `rate_limits.on_store_error` decides: `deny` (the
+default) refuses the call with UNAVAILABLE, reason RATE_LIMIT_STORE_UNAVAILABLE (retryable), so
+a limiter outage cannot be used to lift the limits; `allow` lets calls through unlimited, for
+deployments that prefer availability. Either way a warning is logged (at most every 10 s).
+
 Configured by the top-level `rate_limits:` of the namespace config (see README); without it
 the server installs no interceptor.
 """
@@ -35,7 +40,7 @@ from prism.interfaces.keyvalue.v1 import keyvalue_cas_pb2 as cas_pb
 from prism.interfaces.keyvalue.v1 import keyvalue_ttl_pb2 as ttl_pb
 
 from plugins.runtime.context import CallContext
-from plugins.runtime.errors import Aborted, AlreadyExists, ResourceExhausted
+from plugins.runtime.errors import Aborted, AlreadyExists, ResourceExhausted, Unavailable
 from plugins.runtime.grpc_adapter import abort, current_request_id
 from prismctl.config import RateRule
 from server.auth import current_identity
@@ -177,8 +182,7 @@ def refill(got: kv_pb.GetResponse, now: float, rate: float, burst: int) -> tuple
 class RateLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Placed after the request-id interceptor: a denied call is RESOURCE_EXHAUSTED (reason
     RATE_LIMITED, RetryInfo) carrying the call's request id. A store that cannot be reached
-    fails open (the call proceeds, a warning is logged): a limiter outage must not become a
-    full outage."""
+    denies (UNAVAILABLE) or admits the call as the rule's `on_store_error` says."""
 
     def __init__(self, rules: list[RateRule], buckets: TokenBuckets) -> None:
         self.rules = rules
@@ -215,10 +219,20 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                 bucket_key(identity(context), method), rule.rate, rule.burst
             )
         except Exception as exc:
+            allow = rule.on_store_error == "allow"
             now = time.monotonic()
             if now - self._warned_at > 10.0:
                 self._warned_at = now
-                log.warning("rate limits not enforced: bucket store failed: %s", exc)
+                effect = "not enforced" if allow else "refusing calls"
+                log.warning("rate limits %s: bucket store failed: %r", effect, exc)
+            if allow:
+                return
+            refused = Unavailable(
+                "rate limits cannot be checked right now (their store failed); retry later",
+                reason="RATE_LIMIT_STORE_UNAVAILABLE",
+                method=method.lstrip("/"),
+            )
+            await abort(context, refused, current_request_id.get(), {})
             return
         if delay > 0.0:
             denied = ResourceExhausted(

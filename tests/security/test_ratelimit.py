@@ -1,6 +1,7 @@
 """Rate limits: concurrent clients admitted within the token-bucket bound, denials carrying
 RESOURCE_EXHAUSTED + RATE_LIMITED + RetryInfo, buckets per method and per client certificate,
-two servers sharing one bucket in a real Redis, idle buckets expiring, config validation."""
+two servers sharing one bucket in a real Redis, idle buckets expiring, a store that is down
+refusing (UNAVAILABLE) or admitting calls as `on_store_error` says, config validation."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from server.ratelimit import NAMESPACE, RateLimitInterceptor, bucket_key, refill
 from server.tls import ServerTLS
 from tests.security.conftest import PKI
 from tests.security.test_tls import MEMSTORE, tls_channel
-from tests.support.harness import error_details
+from tests.support.harness import SidecarProcess, error_details
 from tests.support.servers import throwaway
 from tests.support.wait import eventually
 
@@ -192,6 +193,56 @@ async def test_two_servers_share_one_bucket_in_redis(tmp_path: Path) -> None:
             assert 0 < got.ttl.ToTimedelta().total_seconds() <= burst / rate + 1
 
 
+@pytest.mark.parametrize("on_store_error", [None, "deny", "allow"])
+async def test_store_down_denies_by_default_or_allows_when_configured(
+    tmp_path: Path, on_store_error: str | None
+) -> None:
+    """The bucket store is a memstore sidecar, killed while the server runs: by default (and
+    with `deny`) calls are refused UNAVAILABLE + RATE_LIMIT_STORE_UNAVAILABLE, with `allow` they
+    go through; once the sidecar is back on its port, limits apply again."""
+    sidecar = SidecarProcess("memstore", None, tmp_path / "sidecar")
+    address = await sidecar.start()
+    config = limited(
+        {"backend": "memstore", "address": address}, {"method": GET, "rate": 0.01, "burst": 1}
+    )
+    if on_store_error is not None:
+        config["rate_limits"]["on_store_error"] = on_store_error
+    try:
+        async with (
+            servers(tmp_path, config) as [server],
+            grpc.aio.insecure_channel(server.address) as channel,
+        ):
+            stub = kv_grpc.KeyValueBasicServiceStub(channel)
+            await stub.Get(kv.GetRequest(key="k"), timeout=10)
+            await sidecar.kill()
+            for _ in range(3):  # with the store gone the empty bucket cannot refuse anything
+                if on_store_error == "allow":
+                    await stub.Get(kv.GetRequest(key="k"), timeout=10)
+                    continue
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.Get(kv.GetRequest(key="k"), timeout=10)
+                info, _ = error_details(err.value)
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+                assert info is not None and info.reason == "RATE_LIMIT_STORE_UNAVAILABLE"
+                assert info.metadata["method"] == GET
+            # methods no rule matches never ask the store
+            await stub.Exists(kv.ExistsRequest(key="k"), timeout=10)
+            await sidecar.start(f"127.0.0.1:{sidecar.port}")
+
+            async def limited_again() -> bool:
+                try:
+                    await stub.Get(kv.GetRequest(key="k"), timeout=10)
+                except grpc.aio.AioRpcError as exc:
+                    info, _ = error_details(exc)
+                    return info is not None and info.reason == "RATE_LIMITED"
+                return False
+
+            # the restarted store is empty (a full bucket): one call, then limited again
+            await eventually(limited_again, timeout=15, message="limits did not come back")
+    finally:
+        await sidecar.stop()
+
+
 async def test_no_rate_limits_config_means_no_limiter(tmp_path: Path) -> None:
     async with servers(tmp_path, MEMSTORE) as [server]:
         assert server.rate_limiter is None
@@ -209,8 +260,11 @@ async def test_no_rate_limits_config_means_no_limiter(tmp_path: Path) -> None:
         ({"store": {"backend": "memstore"}, "rules": []}, "SCHEMA", "rules"),
         ({"store": {"backend": "memstore", "tls": {"ca": "ca.pem"}},
           "rules": [{"method": "*", "rate": 1, "burst": 1}]}, "SCHEMA", "address"),
+        ({"store": {"backend": "memstore"}, "on_store_error": "open",
+          "rules": [{"method": "*", "rate": 1, "burst": 1}]}, "SCHEMA", "on_store_error"),
     ],
-    ids=["store-without-cas", "burst-0", "rate-0", "no-rules", "tls-without-address"],
+    ids=["store-without-cas", "burst-0", "rate-0", "no-rules", "tls-without-address",
+         "on-store-error-bad"],
 )  # fmt: skip
 def test_rate_limits_config_is_validated(
     rate_limits: dict[str, Any], rule: str, where: str
