@@ -1,7 +1,8 @@
 """The secret-vault pattern: secrets encrypted at rest (AES-256-GCM, server/crypto.py) in one
 `store` slot (keyvalue_basic + keyvalue_scan; keyvalue_ttl makes expired secrets vanish,
 keyvalue_cas makes concurrent writes and re-encryption safe). Talks to the slot only through
-those thin interfaces. Needs the server's keyring: without one the namespace refuses to start.
+those thin interfaces. Needs the server's configured keyring: without one (or with only the
+keyring a server creates beside its data) the namespace refuses to start.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from server.patterns.secret_vault.store import SecretStore
 
 
 async def expose(namespace: BoundNamespace) -> list[Exposed]:
-    if namespace.keyring is None:
+    if namespace.keyring is None or namespace.keyring.beside_data:
         raise BindError(
             f"namespace '{namespace.name}' (pattern secret-vault) needs an encryption keyring "
             f"(fix: create one with `python -m server.crypto new FILE` and pass --keyring FILE "

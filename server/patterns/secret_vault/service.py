@@ -3,11 +3,9 @@ the backend, and decrypted here; the backend only ever holds envelopes and clear
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
-import logging
 import re
 import time
 from collections import Counter
@@ -26,10 +24,8 @@ from plugins.runtime.errors import (
     NotFound,
     PrismError,
 )
-from server.crypto import DECRYPTION_FAILED, Keyring, parse_header
+from server.crypto import DECRYPTION_FAILED, Keyring, Reencryption, parse_header
 from server.patterns.secret_vault.store import SecretStore, Stored, WriteConflict
-
-log = logging.getLogger("prism.secret_vault")
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}")
 MAX_VALUE_BYTES = 64 * 1024
@@ -174,7 +170,10 @@ class SecretVault:
         self.namespace = namespace
         self.store = store
         self.keyring = keyring
-        self.reencryption = Reencryption(self)
+        ctx = CallContext(namespace=namespace, request_id="reencrypt")
+        self.reencryption: Reencryption[Stored | DataLoss] = Reencryption(
+            namespace, lambda: self.records(ctx), lambda name, s: self._reencrypt(name, s, ctx)
+        )
 
     def encrypt(self, name: str, version: int, value: bytes) -> dict[str, Any]:
         envelope = self.keyring.encrypt(value, _context(self.namespace, name, version))
@@ -377,44 +376,13 @@ class SecretVault:
             last_error=state.last_error,
         )
 
-    async def reencrypt_all(
-        self, request: pb.ReencryptAllRequest, ctx: CallContext
-    ) -> pb.ReencryptAllResponse:
-        return pb.ReencryptAllResponse(started=self.reencryption.start())
-
-
-class Reencryption:
-    """The background pass moving every stored value to the primary key. Each record is
-    rewritten through `SecretVault.update` (conditional on the revision it read), so a client
-    write landing meanwhile is re-read and kept, never overwritten."""
-
-    def __init__(self, vault: SecretVault) -> None:
-        self.vault = vault
-        self.task: asyncio.Task[None] | None = None
-        self.passes = 0
-        self.rewritten = 0
-        self.last_error = ""
-
-    @property
-    def running(self) -> bool:
-        return self.task is not None and not self.task.done()
-
-    def start(self) -> bool:
-        if self.running:
-            return False
-        self.task = asyncio.create_task(self._pass(), name=f"reencrypt:{self.vault.namespace}")
-        return True
-
-    async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
-
-    async def _pass(self) -> None:
-        vault = self.vault
-        keyring = vault.keyring
-        ctx = CallContext(namespace=vault.namespace, request_id="reencrypt")
-        failures: list[str] = []
+    async def _reencrypt(self, name: str, stored: Stored | DataLoss, ctx: CallContext) -> int:
+        """Move one secret's values under older keys to the primary (the background pass)."""
+        if isinstance(stored, DataLoss):
+            raise stored
+        keyring = self.keyring
+        if not any(keyring.needs_reencryption(_envelope(v)) for v in stored.record["versions"]):
+            return 0
         moved = 0
 
         def reencrypt(record: dict[str, Any]) -> None:
@@ -423,30 +391,15 @@ class Reencryption:
             for version in record["versions"]:
                 envelope = _envelope(version)
                 if keyring.needs_reencryption(envelope):
-                    context = _context(vault.namespace, record["name"], version["version"])
+                    context = _context(self.namespace, record["name"], version["version"])
                     fresh = keyring.encrypt(keyring.decrypt(envelope, context), context)
                     version["value"] = base64.b64encode(fresh).decode()
                     moved += 1
 
-        try:
-            async for name, stored in vault.records(ctx):
-                try:
-                    if isinstance(stored, DataLoss):
-                        raise stored
-                    versions = stored.record["versions"]
-                    if not any(keyring.needs_reencryption(_envelope(v)) for v in versions):
-                        continue
-                    await vault.update(name, reencrypt, ctx, live=False)
-                    self.rewritten += moved
-                except NotFound:
-                    continue  # deleted meanwhile: nothing left to move
-                except PrismError as exc:
-                    failures.append(f"{name}: {exc.message}")
-                    log.warning("re-encryption of secret %r failed: %s", name, exc.message)
-        except PrismError as exc:
-            failures.append(exc.message)
-        except Exception as exc:  # a bug: kept visible in the status, not lost with the task
-            log.exception("re-encryption pass failed")
-            failures.append(f"{type(exc).__name__}: {exc}")
-        self.last_error = "; ".join(failures[:5])
-        self.passes += 1
+        await self.update(name, reencrypt, ctx, live=False)
+        return moved
+
+    async def reencrypt_all(
+        self, request: pb.ReencryptAllRequest, ctx: CallContext
+    ) -> pb.ReencryptAllResponse:
+        return pb.ReencryptAllResponse(started=self.reencryption.start())
