@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -44,7 +44,7 @@ from prismctl.registry import Registry, load_registry
 from server import audit as audit_log
 from server import auth
 from server.binding import Binder, BindError, SlotBinding
-from server.crypto import Keyring
+from server.crypto import DATA_DIR_KEYRING, Keyring, data_dir_keyring
 from server.patterns import BoundNamespace, executor_for
 from server.ratelimit import NAMESPACE as RATE_LIMIT_NAMESPACE
 from server.ratelimit import RateLimitInterceptor, TokenBuckets
@@ -210,12 +210,26 @@ async def create_server(options: ServerOptions) -> PrismServer:
         raise ConfigError([d for d in result.diagnostics if d.severity == "error"])
     credentials = None if options.tls is None else options.tls.credentials()
     options.data_dir.mkdir(parents=True, exist_ok=True)
+    created: bool | None = None
+    if options.keyring is None:
+        # private registry sources are still encrypted at rest, under keys kept beside the data
+        keyring, created = data_dir_keyring(options.data_dir)
+        options = replace(options, keyring=keyring)
     binder = Binder(registry, options.data_dir, options.sidecar_timeout)
     try:
-        return await _assemble(options, registry, result, binder, credentials)
+        server = await _assemble(options, registry, result, binder, credentials)
     except BaseException:
         await binder.close()
         raise
+    if created is not None:  # once the server is up: a refused start stays a one-line error
+        log.warning(
+            "no keyring configured: encryption at rest uses %s (%s), which lives beside the "
+            "data it protects; in production pass --keyring FILE or PRISM_KEYRING (carry this "
+            "file's keys over into it, or data encrypted so far stays unreadable)",
+            options.data_dir / DATA_DIR_KEYRING,
+            "created now" if created else "kept from an earlier start",
+        )
+    return server
 
 
 async def _assemble(
@@ -225,7 +239,7 @@ async def _assemble(
     binder: Binder,
     credentials: grpc.ServerCredentials | None,
 ) -> PrismServer:
-    router = Router(ns.name for ns in result.namespaces)
+    router = Router(result.namespaces)
     health = HealthMonitor(options.health_interval)
     checks: dict[Check, set[str]] = {}
     for ns in result.namespaces:
