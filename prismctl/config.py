@@ -96,6 +96,12 @@ class SlotConfig:
     tls: ClientTLS | None = None
 
 
+#: an organization name in a namespace's `access:` map: the artifact registry's rule (1-64 of
+#: a-z0-9, '-' only inside); "*" stands for every other organization
+ORGANIZATION = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?")
+EVERY_ORGANIZATION = "*"
+
+
 @dataclass(frozen=True)
 class NamespaceConfig:
     name: str
@@ -103,6 +109,9 @@ class NamespaceConfig:
     pattern_version: str
     slots: dict[str, SlotConfig]
     location: Location
+    #: `access:` organization (or "*") → read | write | admin; None: every organization gets
+    #: its keys' own level
+    access: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -272,6 +281,9 @@ def _check_namespace(
         slots[slot_name] = _check_slot(src, reg, slot_path, slot_name, slot_data, spec, diags)
     if pattern is not None:
         _check_slot_presence(src, path, pattern, ns["slots"], diags)
+    access: dict[str, str] | None = ns.get("access")
+    if access is not None:
+        _check_access(src, (*path, "access"), access, diags)
     result.namespaces.append(
         NamespaceConfig(
             name=ns["name"],
@@ -279,8 +291,27 @@ def _check_namespace(
             pattern_version=version or (pattern.version if pattern else ""),
             slots=slots,
             location=name_loc,
+            access=access,
         )
     )
+
+
+def _check_access(
+    src: Source, path: PathKey, access: dict[str, str], diags: list[Diagnostic]
+) -> None:
+    """The schema checks the levels; the keys must be organization names, which a JSON Schema
+    `propertyNames` finding could only locate at the whole map, not at the bad key."""
+    for organization in access:
+        if organization != EVERY_ORGANIZATION and not ORGANIZATION.fullmatch(organization):
+            diags.append(
+                Diagnostic.at(
+                    src.key_at((*path, organization)),
+                    "SCHEMA",
+                    f"{'.'.join(map(str, path))}: '{organization}' is not an organization name",
+                    "use 1-64 characters of a-z, 0-9 and '-' (not first or last), "
+                    'or "*" for every other organization',
+                )
+            )
 
 
 def _server_slot(

@@ -7,6 +7,7 @@ in an organization, `sees_everything` marks the system (auth off) and server adm
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import IntEnum
@@ -27,6 +28,43 @@ class Level(IntEnum):
 
 ROLE_LEVELS = {"viewer": Level.READ, "editor": Level.WRITE, "admin": Level.ADMIN}
 LEVEL_NAMES = {level.label: level for level in Level if level}
+#: thin-interface RPCs that reshape a namespace or act on much of its data: admin level;
+#: every other RPC needs read when it only reads (server.auth.is_mutation), else write
+ADMIN_RPCS = frozenset(
+    {
+        "CreateIndex",
+        "DropIndex",
+        "ConfigureDeadLetter",
+        "RedriveDeadLetters",
+        "SetRetention",
+        "Trim",
+        "ReencryptAll",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceAccess:
+    """A namespace's `access:` map: the highest level each organization gets there (NONE: the
+    namespace does not exist for it)."""
+
+    #: the namespace
+    name: str
+    grants: Mapping[str, Level]
+    #: the "*" grant (NONE without one) for every organization not named, and for keys of none
+    others: Level
+
+    @classmethod
+    def of(cls, name: str, access: Mapping[str, str] | None) -> NamespaceAccess:
+        """From the config's map of level names; no map: every organization gets admin, i.e.
+        its keys' own level."""
+        if access is None:
+            return cls(name, {}, Level.ADMIN)
+        grants = {organization: LEVEL_NAMES[level] for organization, level in access.items()}
+        return cls(name, grants, grants.pop("*", Level.NONE))
+
+    def grant(self, organization: str) -> Level:
+        return self.grants.get(organization, self.others)
 
 
 @dataclass(frozen=True)

@@ -140,12 +140,21 @@ def service_handler(
 ) -> grpc.GenericRpcHandler[Any, Any]:
     """A handler serving every RPC of `service` by calling the contract method (snake_case of
     the RPC) of the object `resolve` picks for the call's namespace."""
+    return method_routed_handler(service, lambda _method: resolve)
+
+
+def method_routed_handler(
+    service: _descriptor.ServiceDescriptor,
+    resolver_for: Callable[[_descriptor.MethodDescriptor], Resolver],
+) -> grpc.GenericRpcHandler[Any, Any]:
+    """`service_handler` with a resolver of each RPC's own, built once here, so whatever a
+    resolver decides per method (the server's access level) costs nothing per call."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in service.methods:
         if method.client_streaming:
             raise ValueError(f"{service.full_name}/{method.name}: client streaming unsupported")
         build = _stream_handler if method.server_streaming else _unary_handler
-        handlers[method.name] = build(method, resolve)
+        handlers[method.name] = build(method, resolver_for(method))
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 

@@ -36,12 +36,15 @@ class BoundNamespace:
 @dataclass(frozen=True)
 class Exposed:
     """One gRPC service a namespace serves: the object answering it, ErrorInfo labels, and the
-    slots whose health it depends on."""
+    slots whose health it depends on. The router checks each RPC's level (read/write/admin) in
+    the namespace unless `authorizes`: such a service applies finer rules itself to the
+    effective principal (server.authz.current_principal) the router sets."""
 
     service: ServiceDescriptor
     impl: object
     labels: Mapping[str, str] = field(default_factory=dict)
     slots: tuple[str, ...] = ()
+    authorizes: bool = False
 
 
 Executor = Callable[[BoundNamespace], Awaitable[list[Exposed]]]
