@@ -10,6 +10,15 @@ cost one dictionary lookup. The record itself (revoked, expiry, roles) is re-rea
 at most every `refresh` seconds (default 2), so a revocation on any replica takes effect
 everywhere within that time; on the replica that revoked it, at once.
 
+Guessing: after `lockout_failures` (5) scrypt checks of one key id in a row that did not verify,
+within `lockout_window` seconds (60) of the first, further secrets for that id are refused as
+INVALID_KEY without hashing (the same answer as a wrong secret: the lockout is not revealed)
+until the window has passed. A secret this replica already verified keeps working meanwhile,
+so a lockout never locks out the key's holder once it was in use; a correct secret first seen
+during a lockout is refused like any other. The count is per replica. At most
+`MAX_CONCURRENT_SCRYPT` checks run at once, and callers presenting the same unverified secret
+share one check, so a flood of guesses cannot exhaust the worker threads.
+
 The interceptor runs after the request-id one and before rate limits: it puts the caller's
 identity in `current_identity` (what rate limits count against and the audit log records), and
 records every mutating or denied call in the audit log (server/audit.py).
@@ -26,6 +35,7 @@ import logging
 import re
 import secrets
 import time
+from base64 import urlsafe_b64decode, urlsafe_b64encode
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field, replace
@@ -46,6 +56,7 @@ from plugins.runtime.context import CallContext
 from plugins.runtime.grpc_adapter import NAMESPACE_HEADER, abort, current_request_id
 from server.audit import AuditLog, AuditRecord
 from server.authz import Level, Principal, current_principal, principal_for
+from server.patterns.artifact_registry.model import check_organization
 
 log = logging.getLogger("prism.auth")
 
@@ -76,6 +87,13 @@ RESOURCE_FIELDS = ("key", "id", "name", "slug", "collection", "queue", "topic", 
 SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 STORE_TIMEOUT = 5.0
 LAST_USED_EVERY = 60.0
+#: unverified checks of one key id in a row before it is locked out, and the window (seconds)
+LOCKOUT_FAILURES = 5
+LOCKOUT_WINDOW = 60.0
+#: key ids whose failures are remembered at most; beyond, the oldest entries are forgotten
+MAX_FAILURE_ENTRIES = 10_000
+#: scrypt checks running at once (each holds a worker thread for ~50 ms of CPU)
+MAX_CONCURRENT_SCRYPT = 4
 ROLE_NAMES = {v.number: v.name.removeprefix("ROLE_").lower() for v in pb.Role.DESCRIPTOR.values}
 
 
@@ -165,14 +183,49 @@ def _unauthenticated(reason: str, message: str, key_id: str | None = None) -> er
     return errors.Unauthenticated(message, reason=reason, key_id=key_id)
 
 
+def _token(scan_token: str, after: str) -> str:
+    return urlsafe_b64encode(json.dumps([scan_token, after]).encode()).decode()
+
+
+def _cursor(token: str) -> tuple[str, str]:
+    """(scan page token, last key id returned) of a ListKeys page token."""
+    if not token:
+        return "", ""
+    try:
+        decoded = json.loads(urlsafe_b64decode(token.encode()))
+    except ValueError:
+        decoded = None
+    if not (
+        isinstance(decoded, list)
+        and len(decoded) == 2
+        and all(isinstance(part, str) for part in decoded)
+    ):
+        raise errors.InvalidArgument("page_token", "not a token ListKeys returned")
+    return decoded[0], decoded[1]
+
+
 class KeyStore:
     """Key records in a KV slot: `key/<id>` holds the record (JSON), `used/<id>` the last-used
     time, apart so that recording use never overwrites a revocation."""
 
-    def __init__(self, basic: KeyValueBasic, scan: KeyValueScan, refresh: float = 2.0) -> None:
+    def __init__(
+        self,
+        basic: KeyValueBasic,
+        scan: KeyValueScan,
+        refresh: float = 2.0,
+        lockout_failures: int = LOCKOUT_FAILURES,
+        lockout_window: float = LOCKOUT_WINDOW,
+    ) -> None:
         self.basic = basic
         self.scan = scan
         self.refresh = refresh
+        self.lockout_failures = lockout_failures
+        self.lockout_window = lockout_window
+        #: key id → (checks since its last verified secret, monotonic start of their window)
+        self._failures: dict[str, tuple[int, float]] = {}
+        #: (key id, SHA-256 of a secret) → its scrypt check in flight, shared by every caller
+        self._checking: dict[tuple[str, bytes], asyncio.Future[bool]] = {}
+        self._scrypt_slots = asyncio.Semaphore(MAX_CONCURRENT_SCRYPT)
         #: key id → (record or None for unknown, monotonic time read)
         self._records: dict[str, tuple[KeyRecord | None, float]] = {}
         #: key id → SHA-256 of the secret that verified against the stored hash
@@ -197,15 +250,36 @@ class KeyStore:
         got = await self.basic.get(kv_pb.GetRequest(key=f"used/{key_id}"), self._ctx())
         return float(got.value) if got.found else None
 
-    async def page(self, size: int, token: str) -> tuple[list[KeyRecord], str]:
-        request = scan_pb.ScanRequest(prefix="key/", page_size=size, page_token=token)
-        got = await self.scan.scan(request, self._ctx())
-        return [KeyRecord(**json.loads(e.value)) for e in got.entries], got.next_page_token
+    async def page(
+        self, size: int, token: str, keep: Callable[[KeyRecord], bool]
+    ) -> tuple[list[KeyRecord], str]:
+        """Up to `size` records `keep` accepts, in id order, and the next page's token ("" at the
+        end). Scan pages are read until the page is full, so a filter never ends a listing
+        early; the token is (scan page to resume, last id returned), as a page may end in the
+        middle of a scan page."""
+        scan_token, after = _cursor(token)
+        found: list[KeyRecord] = []
+        while True:
+            request = scan_pb.ScanRequest(prefix="key/", page_size=size, page_token=scan_token)
+            got = await self.scan.scan(request, self._ctx())
+            records = [KeyRecord(**json.loads(e.value)) for e in got.entries]
+            for i, record in enumerate(records):
+                if record.id <= after or not keep(record):
+                    continue
+                found.append(record)
+                if len(found) < size:
+                    continue
+                if any(keep(r) for r in records[i + 1 :]):
+                    return found, _token(scan_token, record.id)
+                return found, got.next_page_token and _token(got.next_page_token, record.id)
+            if not got.next_page_token:
+                return found, ""
+            scan_token = got.next_page_token
 
     async def all(self) -> AsyncIterator[KeyRecord]:
         token = ""
         while True:
-            records, token = await self.page(500, token)
+            records, token = await self.page(500, token, lambda _: True)
             for record in records:
                 yield record
             if not token:
@@ -241,9 +315,11 @@ class KeyStore:
         await self.put(record)
         return record, f"prism_{key_id}_{secret}"
 
-    async def revoke(self, key_id: str) -> KeyRecord:
+    async def revoke(self, key_id: str, member_of: Callable[[str], bool]) -> KeyRecord:
+        """Revoke a key of an organization `member_of` accepts; any other is NOT_FOUND, exactly
+        as an unknown id."""
         record = await self.get(key_id)
-        if record is None:
+        if record is None or not member_of(record.organization):
             raise errors.NotFound(f"no API key '{key_id}'", reason="API_KEY_NOT_FOUND", id=key_id)
         if record.revoked is None:
             record = replace(record, revoked=time.time())
@@ -278,10 +354,7 @@ class KeyStore:
         fingerprint = hashlib.sha256(secret.encode()).digest()
         known = self._verified.get(key_id)
         if known is None or not hmac.compare_digest(known, fingerprint):
-            digest = await asyncio.to_thread(
-                hash_secret, secret, bytes.fromhex(record.salt), record.kdf
-            )
-            if not hmac.compare_digest(digest, bytes.fromhex(record.hash)):
+            if not await self._secret_matches(record, secret, fingerprint):
                 raise _unauthenticated("INVALID_KEY", "unknown or wrong API key")
             self._verified[key_id] = fingerprint
         if record.revoked is not None:
@@ -290,6 +363,51 @@ class KeyStore:
             raise _unauthenticated("KEY_EXPIRED", f"API key {key_id} has expired", key_id)
         self._note_use(key_id)
         return record.identity()
+
+    async def _secret_matches(self, record: KeyRecord, secret: str, fingerprint: bytes) -> bool:
+        """The scrypt check of a secret not verified before: False at once while the key id is
+        locked out; callers presenting the same secret meanwhile share one check."""
+        checking = (record.id, fingerprint)
+        pending = self._checking.get(checking)
+        if pending is None:
+            if not self._count_check(record.id):
+                return False
+            pending = asyncio.ensure_future(self._scrypt(record, secret))
+            self._checking[checking] = pending
+            pending.add_done_callback(lambda _: self._checking.pop(checking, None))
+        return await asyncio.shield(pending)
+
+    def _count_check(self, key_id: str) -> bool:
+        """Count one more check of `key_id` (a success clears the count); False when the
+        window's checks are spent. Counting before hashing bounds the scrypt runs per window
+        also under concurrent guesses."""
+        now = time.monotonic()
+        count, start = self._failures.get(key_id, (0, now))
+        if now - start >= self.lockout_window:
+            count, start = 0, now
+        if count >= self.lockout_failures:
+            return False
+        if key_id not in self._failures and len(self._failures) >= MAX_FAILURE_ENTRIES:
+            self._forget_failures(now)
+        self._failures[key_id] = (count + 1, start)
+        return True
+
+    def _forget_failures(self, now: float) -> None:
+        """Bound the failure table: drop passed windows, then the oldest entries."""
+        window = self.lockout_window
+        self._failures = {k: v for k, v in self._failures.items() if now - v[1] < window}
+        excess = len(self._failures) - MAX_FAILURE_ENTRIES + 1
+        for key_id in list(self._failures)[: max(excess, 0)]:
+            del self._failures[key_id]
+
+    async def _scrypt(self, record: KeyRecord, secret: str) -> bool:
+        async with self._scrypt_slots:
+            salt = bytes.fromhex(record.salt)
+            digest = await asyncio.to_thread(hash_secret, secret, salt, record.kdf)
+        matches = hmac.compare_digest(digest, bytes.fromhex(record.hash))
+        if matches:
+            self._failures.pop(record.id, None)
+        return matches
 
     def _note_use(self, key_id: str) -> None:
         """Last-used time, written off the call's path and at most once a minute per key."""
@@ -501,25 +619,44 @@ def _page_size(size: int) -> int:
 
 
 class KeyAdmin:
-    """KeyAdminService (proto/prism/admin/v1/key_admin.proto): admin role required; with auth
-    off (`keys` None) every caller counts as admin, so a no-auth server is administrable."""
+    """KeyAdminService (proto/prism/admin/v1/key_admin.proto), scoped by organization: a server
+    admin (admin role, no organization) manages every key and reads the audit log; an
+    organization admin manages its organization's keys only, and other organizations' keys do
+    not exist for it. With auth off (`enforced` False) the caller is the system: everything."""
 
     def __init__(self, keys: KeyStore, audit: AuditLog, enforced: bool) -> None:
         self.keys = keys
         self.audit = audit
         self.enforced = enforced
 
-    def _require_admin(self) -> None:
-        identity = current_identity.get()
-        if self.enforced and (identity is None or "admin" not in identity.roles):
-            raise errors.PermissionDenied(
-                "this RPC needs an API key with the admin role", reason="ADMIN_REQUIRED"
-            )
+    def _caller(self) -> Principal:
+        """The caller; with auth on, a call no key authenticated is refused (fail closed, were
+        the auth interceptor ever missing: the principal would default to the system)."""
+        if self.enforced and current_identity.get() is None:
+            raise _admin_required()
+        return current_principal.get()
+
+    def _key_admin(self) -> Principal:
+        principal = self._caller()
+        if principal.level < Level.ADMIN:
+            raise _admin_required()
+        return principal
 
     async def create_key(
         self, request: pb.CreateKeyRequest, ctx: CallContext
     ) -> pb.CreateKeyResponse:
-        self._require_admin()
+        principal = self._key_admin()
+        organization = request.organization
+        if not principal.member_of(organization):  # checked first: it reveals nothing
+            target = f"organization '{organization}'" if organization else "no organization"
+            raise errors.PermissionDenied(
+                f"this API key administers organization '{principal.organization}' only; a key "
+                f"of {target} needs a server admin key",
+                reason="NOT_ORGANIZATION_MEMBER",
+                organization=organization,
+            )
+        if organization:
+            check_organization(organization, "organization")
         if not 1 <= len(request.name) <= 100:
             raise errors.InvalidArgument("name", "must be 1-100 characters")
         if not request.roles or pb.ROLE_UNSPECIFIED in request.roles:
@@ -535,7 +672,7 @@ class KeyAdmin:
         record, key = await self.keys.create(
             request.name,
             request.owner,
-            request.organization,
+            organization,
             sorted({ROLE_NAMES[r] for r in request.roles}),
             list(request.scopes),
             expires,
@@ -543,33 +680,50 @@ class KeyAdmin:
         return pb.CreateKeyResponse(key=record.to_proto(None), secret_key=key)
 
     async def list_keys(self, request: pb.ListKeysRequest, ctx: CallContext) -> pb.ListKeysResponse:
-        self._require_admin()
-        records, token = await self.keys.page(_page_size(request.page_size), request.page_token)
-        shown = [r for r in records if request.include_revoked or r.revoked is None]
-        used = await asyncio.gather(*(self.keys.last_used(r.id) for r in shown))
+        principal = self._key_admin()
+
+        def shown(record: KeyRecord) -> bool:
+            live = request.include_revoked or record.revoked is None
+            return live and principal.member_of(record.organization)
+
+        records, token = await self.keys.page(
+            _page_size(request.page_size), request.page_token, shown
+        )
+        used = await asyncio.gather(*(self.keys.last_used(r.id) for r in records))
         return pb.ListKeysResponse(
-            keys=[r.to_proto(u) for r, u in zip(shown, used, strict=True)],
+            keys=[r.to_proto(u) for r, u in zip(records, used, strict=True)],
             next_page_token=token,
         )
 
     async def revoke_key(
         self, request: pb.RevokeKeyRequest, ctx: CallContext
     ) -> pb.RevokeKeyResponse:
-        self._require_admin()
+        principal = self._key_admin()
         if not request.id:
             raise errors.InvalidArgument("id", "must name a key id")
-        record = await self.keys.revoke(request.id)
+        record = await self.keys.revoke(request.id, principal.member_of)
         return pb.RevokeKeyResponse(key=record.to_proto(await self.keys.last_used(record.id)))
 
     async def query_audit(
         self, request: pb.QueryAuditRequest, ctx: CallContext
     ) -> pb.QueryAuditResponse:
-        self._require_admin()
+        if not self._caller().sees_everything:
+            raise errors.PermissionDenied(
+                "the audit log covers every organization: reading it needs a server admin key "
+                "(admin role, no organization)",
+                reason="SERVER_ADMIN_REQUIRED",
+            )
         _page_size(request.page_size)
         outcome = request.outcome.upper()
         if outcome and outcome not in grpc.StatusCode.__members__:
             raise errors.InvalidArgument("outcome", f"'{request.outcome}' is no status code name")
         return await self.audit.query(request)
+
+
+def _admin_required() -> errors.PrismError:
+    return errors.PermissionDenied(
+        "this RPC needs an API key with the admin role", reason="ADMIN_REQUIRED"
+    )
 
 
 async def bootstrap_key(keys: KeyStore) -> str | None:
