@@ -16,18 +16,14 @@ from prism.interfaces.document.v1 import document_indexing_pb2 as indexing
 from prism.interfaces.document.v1 import document_query_pb2 as query
 from prism.interfaces.document.v1 import document_search_pb2 as search
 
-from plugins.runtime import docfilter, docpages, validation
+from plugins.runtime import docfilter, docindex, docpages, validation
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import (
     Aborted,
     AlreadyExists,
     FailedPrecondition,
-    InvalidArgument,
     NotFound,
 )
-
-_INDEX_KINDS = {indexing.INDEX_KIND_VALUE: "value", indexing.INDEX_KIND_TEXT: "text"}
-_INDEX_KIND_ENUMS = {v: k for k, v in _INDEX_KINDS.items()}
 
 
 @dataclass(slots=True)
@@ -60,7 +56,7 @@ class _Index:
             name=self.spec.name,
             fields=[indexing.IndexField(path=p, descending=d) for p, d in self.spec.fields],
             unique=self.spec.unique,
-            kind=_INDEX_KIND_ENUMS[self.spec.kind],
+            kind=docindex.KIND_ENUMS[self.spec.kind],
         )
 
 
@@ -263,17 +259,7 @@ class MemstoreDocuments:
         self, request: indexing.CreateIndexRequest, ctx: CallContext
     ) -> indexing.CreateIndexResponse:
         coll = self._collection(ctx, request.collection)
-        if not request.HasField("index"):
-            raise InvalidArgument("index", "is required")
-        kind = _INDEX_KINDS.get(request.index.kind or indexing.INDEX_KIND_VALUE)
-        if kind is None:
-            raise InvalidArgument("kind", "unknown index kind")
-        spec = docfilter.parse_index(
-            request.index.name,
-            [(f.path, f.descending) for f in request.index.fields],
-            request.index.unique,
-            kind,
-        )
+        spec = docindex.requested(request)
         existing = coll.indexes.get(spec.name)
         if existing is not None:
             if existing.spec == spec:

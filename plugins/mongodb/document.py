@@ -34,7 +34,7 @@ from pymongo.errors import DuplicateKeyError, OperationFailure
 
 from plugins.mongodb import docquery
 from plugins.mongodb.connection import Doc, Mongo
-from plugins.runtime import docfilter, docpages, textsearch, validation
+from plugins.runtime import docfilter, docindex, docpages, textsearch, validation
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import (
     Aborted,
@@ -44,8 +44,6 @@ from plugins.runtime.errors import (
     NotFound,
 )
 
-_INDEX_KINDS = {indexing.INDEX_KIND_VALUE: "value", indexing.INDEX_KIND_TEXT: "text"}
-_INDEX_KIND_ENUMS = {v: k for k, v in _INDEX_KINDS.items()}
 _SAFE_NS = re.compile(r"[a-z0-9-]")
 _DUP_INDEX = re.compile(r"index: (\S+)")
 #: IndexNotFound, NamespaceNotFound: nothing to drop
@@ -139,7 +137,7 @@ def _index_proto(spec: Doc) -> indexing.Index:
         name=spec["name"],
         fields=[indexing.IndexField(path=p, descending=d) for p, d in spec["fields"]],
         unique=spec["unique"],
-        kind=_INDEX_KIND_ENUMS[spec["kind"]],
+        kind=docindex.KIND_ENUMS[spec["kind"]],
     )
 
 
@@ -373,17 +371,7 @@ class MongoDocuments:
         self, request: indexing.CreateIndexRequest, ctx: CallContext
     ) -> indexing.CreateIndexResponse:
         coll = self._coll(ctx, request.collection)
-        if not request.HasField("index"):
-            raise InvalidArgument("index", "is required")
-        kind = _INDEX_KINDS.get(request.index.kind or indexing.INDEX_KIND_VALUE)
-        if kind is None:
-            raise InvalidArgument("kind", "unknown index kind")
-        spec = docfilter.parse_index(
-            request.index.name,
-            [(f.path, f.descending) for f in request.index.fields],
-            request.index.unique,
-            kind,
-        )
+        spec = docindex.requested(request)
         stored: Doc = {
             "_id": self._index_id(ctx, request.collection, spec.name),
             "ns": ctx.namespace,
@@ -409,7 +397,9 @@ class MongoDocuments:
                     index=spec.name,
                     collection=request.collection,
                 ) from None
-        if kind == "value" and (created or not await self._has_mongo_index(coll, ctx, spec.name)):
+        if spec.kind == "value" and (
+            created or not await self._has_mongo_index(coll, ctx, spec.name)
+        ):
             # a repeated create finishes a build that an unreachable server interrupted
             await self._build_value_index(coll, ctx, spec, request.collection, stored["_id"])
         return indexing.CreateIndexResponse(index=_index_proto(stored), created=created)

@@ -28,7 +28,7 @@ from psycopg import errors, sql
 
 from plugins.postgres.db import Conn, Database
 from plugins.postgres.docquery import Sql
-from plugins.runtime import docfilter, docpages, textsearch, validation
+from plugins.runtime import docfilter, docindex, docpages, textsearch, validation
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import (
     Aborted,
@@ -40,7 +40,6 @@ from plugins.runtime.errors import (
 
 DOC_COLUMNS = "id, body::text, revision, create_time, update_time"
 Row = tuple[Any, ...]
-_KINDS = {index_pb.INDEX_KIND_VALUE: "value", index_pb.INDEX_KIND_TEXT: "text"}
 
 
 def to_document(row: Row) -> basic_pb.Document:
@@ -369,20 +368,10 @@ class PostgresDocuments:
         self, request: index_pb.CreateIndexRequest, ctx: CallContext
     ) -> index_pb.CreateIndexResponse:
         collection = validation.collection(request.collection)
-        if not request.HasField("index"):
-            raise InvalidArgument("index", "is required")
-        kind = _KINDS.get(request.index.kind or index_pb.INDEX_KIND_VALUE)
-        if kind is None:
-            raise InvalidArgument("index.kind", "unknown index kind")
-        spec = docfilter.parse_index(
-            request.index.name,
-            [(f.path, f.descending) for f in request.index.fields],
-            request.index.unique,
-            kind,
-        )
+        spec = docindex.requested(request)
         index = index_pb.Index()
         index.CopyFrom(request.index)
-        index.kind = index_pb.INDEX_KIND_VALUE if kind == "value" else index_pb.INDEX_KIND_TEXT
+        index.kind = docindex.KIND_ENUMS[spec.kind]
         ns = ctx.namespace
         sql_name = _sql_name(ns, collection, spec.name)
 
@@ -410,7 +399,7 @@ class PostgresDocuments:
                     "VALUES (%s, %s, %s, %s, %s)",
                     (ns, collection, spec.name, index.SerializeToString(), sql_name),
                 )
-                if kind == "value":
+                if spec.kind == "value":
                     await conn.execute(_index_ddl(sql_name, ns, collection, spec))
             return True
 

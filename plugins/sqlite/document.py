@@ -27,7 +27,7 @@ from prism.interfaces.document.v1 import document_indexing_pb2 as index_pb
 from prism.interfaces.document.v1 import document_query_pb2 as query_pb
 from prism.interfaces.document.v1 import document_search_pb2 as search_pb
 
-from plugins.runtime import docfilter, docpages, validation
+from plugins.runtime import docfilter, docindex, docpages, validation
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import (
     Aborted,
@@ -511,8 +511,7 @@ def _checked_index(requested: index_pb.Index) -> index_pb.Index:
         raise InvalidArgument("index.fields", f"must list 1 to {MAX_INDEX_FIELDS} fields")
     index = index_pb.Index()
     index.CopyFrom(requested)
-    if index.kind == index_pb.INDEX_KIND_UNSPECIFIED:
-        index.kind = index_pb.INDEX_KIND_VALUE
+    index.kind = docindex.KIND_ENUMS[docindex.kind(requested)]
     seen: set[str] = set()
     for i, f in enumerate(index.fields):
         where = f"index.fields[{i}].path"

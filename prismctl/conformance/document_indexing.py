@@ -155,3 +155,12 @@ async def invalid_indexes(t: Target) -> None:
     )
     await expect_invalid(create(t, "Bad", index("x", "x")), "collection", "collection 'Bad'")
     equal(await names(t, coll), [], "indexes after rejected CreateIndex calls")
+
+
+@case("document_indexing", requires=REQUIRES)
+async def unknown_index_kind(t: Target) -> None:
+    """An IndexKind number the contract does not define is INVALID_ARGUMENT naming exactly
+    `index.kind` (the request field), on every backend alike; nothing is created."""
+    coll = t.name("kind")
+    await expect_invalid(create(t, coll, index("k", "x", kind=7)), "index.kind", "index kind 7")
+    equal(await names(t, coll), [], "indexes after a CreateIndex with an unknown kind")
