@@ -28,9 +28,15 @@ def run_fast(main: Coroutine[Any, Any, Any]) -> Any:
 
 
 @contextmanager
-def spawn(args: Sequence[str], ready: str, env: dict[str, str] | None = None) -> Iterator[str]:
+def spawn(
+    args: Sequence[str],
+    ready: str,
+    env: dict[str, str] | None = None,
+    before: list[str] | None = None,
+) -> Iterator[str]:
     """Start a server process and yield the HOST:PORT it announces on stdout in a line matching
-    `ready` (a regex with one group for the address); stop it with SIGTERM afterwards."""
+    `ready` (a regex with one group for the address); stop it with SIGTERM afterwards. The lines
+    printed before that one are appended to `before` when given."""
     proc = subprocess.Popen(
         list(args),
         stdout=subprocess.PIPE,
@@ -45,6 +51,8 @@ def spawn(args: Sequence[str], ready: str, env: dict[str, str] | None = None) ->
             match = re.search(ready, line)
             if match:
                 break
+            if before is not None:
+                before.append(line)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{args[0]} did not announce its address")
         else:

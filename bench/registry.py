@@ -5,6 +5,11 @@ embedded default (SQLite) and on PostgreSQL, against a bare gRPC echo server in 
     make bench-registry                   # sizes 1k,10k; add --sizes 1000,10000,100000
     .venv/bin/python -m bench.registry --targets sqlite --sizes 1000 --seconds 2
 
+Each target runs twice: `--no-auth` (what the registry costs) and `+auth` (authentication on,
+calls made with an editor key of one of the corpus's 50 organizations, so every read checks
+visibility and every listing is limited to public artifacts and that organization's; one
+artifact in ten is private).
+
 Corpora are bulk-loaded with ImportPack (the registry's own API), then each operation runs
 closed-loop for --seconds. "uncached" reads touch every id once, so the L1/L2 caches cannot
 answer them; "cached" reads cycle over 100 ids.
@@ -16,6 +21,7 @@ import argparse
 import hashlib
 import itertools
 import random
+import re
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
@@ -24,6 +30,8 @@ from pathlib import Path
 
 import grpc
 import yaml
+from prism.admin.v1 import key_admin_pb2 as keys_pb
+from prism.admin.v1 import key_admin_pb2_grpc as keys_grpc
 from prism.interfaces.keyvalue.v1 import keyvalue_basic_pb2 as kv
 from prism.interfaces.keyvalue.v1 import keyvalue_basic_pb2_grpc as kv_grpc
 from prism.patterns.artifact_registry.v1 import artifact_registry_pb2 as pb
@@ -72,6 +80,10 @@ ROLES = [
 IMPORT_BATCH = 2000
 #: artifacts made by the "create" operation, numbered after any corpus
 CREATED = itertools.count(10_000_000)
+#: the organization whose editor key the +auth runs use (and where "create" creates)
+MEMBER_ORG = "org0"
+BOOTSTRAP = re.compile(r"bootstrap admin key .*: (\S+)")
+Metadata = tuple[tuple[str, str], ...]
 
 
 def corpus_artifact(i: int) -> pb.Artifact:
@@ -91,7 +103,7 @@ def corpus_artifact(i: int) -> pb.Artifact:
         version=version,
         source=source,
         source_sha256=hashlib.sha256(source.encode()).hexdigest(),
-        visibility=pb.VISIBILITY_PUBLIC,
+        visibility=pb.VISIBILITY_PRIVATE if i % 10 == 0 else pb.VISIBILITY_PUBLIC,
         state=pb.VERSION_STATE_PUBLISHED,
         metadata=pb.ArtifactMetadata(
             description=f"An {' and '.join(topic)} helper", tags=topic[:2], skills=topic[1:]
@@ -125,10 +137,13 @@ def pack(artifacts: list[pb.Artifact]) -> list[pb.PackChunk]:
     return [*chunks, pb.PackChunk(trailer=trailer)]
 
 
-async def load(stub: pb_grpc.ArtifactRegistryServiceAsyncStub, start: int, stop: int) -> None:
+async def load(
+    stub: pb_grpc.ArtifactRegistryServiceAsyncStub, start: int, stop: int, admin: Metadata
+) -> None:
     for first in range(start, stop, IMPORT_BATCH):
         batch = [corpus_artifact(i) for i in range(first, min(stop, first + IMPORT_BATCH))]
-        async for event in stub.ImportPack(pb.ImportPackRequest(chunks=pack(batch)), timeout=600):
+        request = pb.ImportPackRequest(chunks=pack(batch))
+        async for event in stub.ImportPack(request, timeout=600, metadata=admin):
             if event.HasField("summary") and event.summary.issues:
                 raise RuntimeError(f"import failed: {event.summary.issues[0]}")
         print(f"    loaded {min(stop, first + IMPORT_BATCH)}", file=sys.stderr)
@@ -137,33 +152,43 @@ async def load(stub: pb_grpc.ArtifactRegistryServiceAsyncStub, start: int, stop:
 Call = Callable[[int], Awaitable[object]]
 
 
+def readable(i: int) -> bool:
+    """Whether the member key may read corpus artifact i (private ones only of its own org)."""
+    return i % 10 != 0 or f"org{i % 50}" == MEMBER_ORG
+
+
 def operations(
-    stub: pb_grpc.ArtifactRegistryServiceAsyncStub, size: int, start_fresh: int
+    stub: pb_grpc.ArtifactRegistryServiceAsyncStub, size: int, start_fresh: int, md: Metadata
 ) -> dict[str, Call]:
-    fresh = itertools.count(start_fresh)
-    hot = [corpus_artifact(i).id for i in range(100)]
+    """Reads touch only artifacts the caller may read, so both modes do the same work."""
+    fresh = (i for i in itertools.count(start_fresh) if readable(i))
+    hot = [corpus_artifact(i).id for i in range(200) if readable(i)][:100]
+    slugs = [i for i in range(size) if readable(i)]
 
     async def uncached(n: int) -> object:
-        return await stub.GetArtifact(pb.GetArtifactRequest(id=corpus_artifact(next(fresh)).id))
+        request = pb.GetArtifactRequest(id=corpus_artifact(next(fresh)).id)
+        return await stub.GetArtifact(request, metadata=md)
 
     async def cached(n: int) -> object:
-        return await stub.GetArtifact(pb.GetArtifactRequest(id=hot[n % 100]))
+        return await stub.GetArtifact(pb.GetArtifactRequest(id=hot[n % 100]), metadata=md)
 
     async def by_slug(n: int) -> object:
-        a = corpus_artifact(n % size)
+        a = corpus_artifact(slugs[n % len(slugs)])
         return await stub.GetArtifactBySlug(
-            pb.GetArtifactBySlugRequest(organization=a.organization, slug=a.slug)
+            pb.GetArtifactBySlugRequest(organization=a.organization, slug=a.slug), metadata=md
         )
 
     async def create(n: int) -> object:
         a = corpus_artifact(next(CREATED))
         a.ClearField("id")
-        return await stub.CreateArtifact(pb.CreateArtifactRequest(artifact=a))
+        a.organization = MEMBER_ORG
+        return await stub.CreateArtifact(pb.CreateArtifactRequest(artifact=a), metadata=md)
 
     async def search(n: int) -> object:
         rng = random.Random(n)
         query = f"{rng.choice(WORDS)} {rng.choice(ROLES)}"
-        return await stub.SearchArtifacts(pb.SearchArtifactsRequest(query=query, page_size=10))
+        request = pb.SearchArtifactsRequest(query=query, page_size=10)
+        return await stub.SearchArtifacts(request, metadata=md)
 
     return {
         "get-uncached": uncached,
@@ -174,8 +199,24 @@ def operations(
     }
 
 
+async def member_key(channel: grpc.aio.Channel, admin: Metadata) -> Metadata:
+    """An editor key of MEMBER_ORG, made with the bootstrap key."""
+    created = await keys_grpc.KeyAdminServiceStub(channel).CreateKey(
+        keys_pb.CreateKeyRequest(
+            name="bench", owner="bench", organization=MEMBER_ORG, roles=[keys_pb.ROLE_EDITOR]
+        ),
+        metadata=admin,
+    )
+    return (("authorization", f"Bearer {created.secret_key}"),)
+
+
 async def measure_registry(
-    target: str, address: str, sizes: list[int], concurrency: int, seconds: float
+    target: str,
+    address: str,
+    sizes: list[int],
+    concurrency: int,
+    seconds: float,
+    bootstrap_key: str | None,
 ) -> list[Result]:
     results: list[Result] = []
     options = [
@@ -184,12 +225,17 @@ async def measure_registry(
     ]
     async with grpc.aio.insecure_channel(address, options=options) as channel:
         stub = pb_grpc.ArtifactRegistryServiceStub(channel)
+        admin: Metadata = ()
+        member: Metadata = ()
+        if bootstrap_key is not None:
+            admin = (("authorization", f"Bearer {bootstrap_key}"),)
+            member = await member_key(channel, admin)
         loaded = 0
         for size in sizes:
-            await load(stub, loaded, size)
+            await load(stub, loaded, size, admin)
             previous, loaded = loaded, size
             # ids below the previous size were read at that size: only new ones are cold
-            for name, call in operations(stub, size, previous).items():
+            for name, call in operations(stub, size, previous, member).items():
                 # every uncached read is a first touch: no warm-up, at most one pass over the ids
                 first_touch = name == "get-uncached"
                 calls, elapsed, lat = await closed_loop(
@@ -197,7 +243,7 @@ async def measure_registry(
                     concurrency,
                     seconds,
                     warmup=0 if first_touch else 0.2,
-                    max_calls=size - previous if first_touch else None,
+                    max_calls=sum(map(readable, range(previous, size))) if first_touch else None,
                 )
                 results.append(Result(f"{target}@{size}", name, concurrency, calls, elapsed, lat))
                 print(f"  {target}@{size} {name}: {calls / elapsed:,.0f}/s", file=sys.stderr)
@@ -216,13 +262,15 @@ async def measure_echo(address: str, concurrency: int, seconds: float) -> Result
 
 
 @contextmanager
-def prism_server(target: str, tmp: Path) -> Iterator[str]:
+def prism_server(target: str, tmp: Path, auth: bool) -> Iterator[tuple[str, str | None]]:
     """prism-server with the registry on `target`: the embedded default for sqlite; a throwaway
-    PostgreSQL (tests/support/servers.py) for postgres."""
-    data = tmp / target
+    PostgreSQL (tests/support/servers.py) for postgres. Yields (address, bootstrap key when
+    `auth`)."""
+    data = tmp / f"{target}-{auth}"
     with ExitStack() as stack:
         command = [str(BIN / "prism-server"), "--listen", "127.0.0.1:0", "--data-dir", str(data)]
-        command.append("--no-auth")  # the benchmark measures the registry, not key checks
+        if not auth:
+            command.append("--no-auth")
         if target == "postgres":
             from tests.support.servers import throwaway
 
@@ -241,7 +289,10 @@ def prism_server(target: str, tmp: Path) -> Iterator[str]:
             path = tmp / "postgres.yaml"
             path.write_text(yaml.safe_dump(config))
             command += ["--config", str(path)]
-        yield stack.enter_context(spawn(command, r"listening on (\S+:\d+)"))
+        printed: list[str] = []
+        address = stack.enter_context(spawn(command, r"listening on (\S+:\d+)", before=printed))
+        keys = [m.group(1) for line in printed if (m := BOOTSTRAP.search(line))]
+        yield address, keys[0] if keys else None
 
 
 def report(results: list[Result], echo: Result) -> None:
@@ -288,10 +339,12 @@ def main() -> None:
         with spawn(echo_cmd, r"listening on (\S+:\d+)") as address:
             echo = run_fast(measure_echo(address, args.concurrency, args.seconds))
         for target in args.targets.split(","):
-            with prism_server(target, Path(tmp)) as address:
-                results += run_fast(
-                    measure_registry(target, address, sizes, args.concurrency, args.seconds)
-                )
+            for auth in (False, True):
+                with prism_server(target, Path(tmp), auth) as (address, key):
+                    label = f"{target}+auth" if auth else target
+                    results += run_fast(
+                        measure_registry(label, address, sizes, args.concurrency, args.seconds, key)
+                    )
     print()
     report(results, echo)
 
