@@ -253,25 +253,23 @@ class KeyStore:
     async def page(
         self, size: int, token: str, keep: Callable[[KeyRecord], bool]
     ) -> tuple[list[KeyRecord], str]:
-        """Up to `size` records `keep` accepts, in id order, and the next page's token ("" at the
-        end). Scan pages are read until the page is full, so a filter never ends a listing
-        early; the token is (scan page to resume, last id returned), as a page may end in the
+        """Up to `size` records `keep` accepts, in id order, and the next page's token: "" when
+        no accepted record is left. Scan pages are read until the page is full and one more
+        accepted record is seen, so a filter never ends a listing early nor leaves an empty last
+        page; the token is (scan page to resume, last id returned), as a page may end in the
         middle of a scan page."""
         scan_token, after = _cursor(token)
         found: list[KeyRecord] = []
         while True:
             request = scan_pb.ScanRequest(prefix="key/", page_size=size, page_token=scan_token)
             got = await self.scan.scan(request, self._ctx())
-            records = [KeyRecord(**json.loads(e.value)) for e in got.entries]
-            for i, record in enumerate(records):
+            for entry in got.entries:
+                record = KeyRecord(**json.loads(entry.value))
                 if record.id <= after or not keep(record):
                     continue
+                if len(found) == size:  # there is a next page, starting on this scan page
+                    return found, _token(scan_token, found[-1].id)
                 found.append(record)
-                if len(found) < size:
-                    continue
-                if any(keep(r) for r in records[i + 1 :]):
-                    return found, _token(scan_token, record.id)
-                return found, got.next_page_token and _token(got.next_page_token, record.id)
             if not got.next_page_token:
                 return found, ""
             scan_token = got.next_page_token

@@ -1,10 +1,15 @@
 """API keys: UNAUTHENTICATED with a precise reason for missing, malformed, unknown, wrong, revoked
-and expired keys; admin-only key administration; keys stored only as salted hashes; revocation
-reaching another replica within the refresh time; the bootstrap key printed once by a real
-`prism-server`; `--no-auth` saying so; `prismctl keys` as subprocesses."""
+and expired keys; admin-only key administration scoped by organization (organization admins
+see, make and revoke their organization's keys only; the audit log needs a server admin); keys
+stored only as salted hashes; the lockout after repeated wrong secrets; revocation reaching
+another replica within the refresh time; key rotation without a failed call on two replicas;
+the bootstrap key printed once by a real `prism-server`; `--no-auth` saying so; `prismctl keys`
+as subprocesses."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import os
 import subprocess
@@ -25,6 +30,7 @@ from prism.interfaces.keyvalue.v1 import keyvalue_basic_pb2 as kv
 from prism.interfaces.keyvalue.v1 import keyvalue_basic_pb2_grpc as kv_grpc
 
 from server.app import AUTH_HEALTH, PrismServer
+from server.auth import SCRYPT, hash_secret
 from tests.support.harness import error_details, namespaced, running_server
 from tests.support.wait import eventually
 
@@ -116,7 +122,12 @@ async def test_admin_rpcs_need_the_admin_role_and_valid_input(tmp_path: Path) ->
                 (pb.CreateKeyRequest(name="x"), "roles"),
                 (pb.CreateKeyRequest(roles=[pb.ROLE_VIEWER]), "name"),
                 (past, "expire_time"),
-            ):
+                *(
+                    (pb.CreateKeyRequest(name="x", roles=[pb.ROLE_VIEWER], organization=org),
+                     "organization")
+                    for org in ("Acme", "acme-", "-acme", "a_b", "a" * 65)
+                ),
+            ):  # fmt: skip
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
                     await admin.CreateKey(request, metadata=md)
                 _, bad = error_details(caught.value)
@@ -126,6 +137,150 @@ async def test_admin_rpcs_need_the_admin_role_and_valid_input(tmp_path: Path) ->
                 admin.RevokeKey(pb.RevokeKeyRequest(id="0" * 16), metadata=md)
             )
             assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "API_KEY_NOT_FOUND")
+
+
+async def list_all(
+    stub: pb_grpc.KeyAdminServiceStub, key: str, size: int, include_revoked: bool = False
+) -> list[list[str]]:
+    """Every page of ListKeys (key ids per page), following next_page_token to its end."""
+    pages: list[list[str]] = []
+    request = pb.ListKeysRequest(page_size=size, include_revoked=include_revoked)
+    while True:
+        page = await stub.ListKeys(request, metadata=bearer(key))
+        pages.append([k.id for k in page.keys])
+        if not page.next_page_token:
+            return pages
+        request.page_token = page.next_page_token
+
+
+async def test_organization_admins_manage_only_their_organizations_keys(tmp_path: Path) -> None:
+    async with running_server(MEMSTORE, tmp_path, auth=True) as server:
+        root = server.bootstrap_key
+        assert root is not None
+        acme_admin = await create_key(server, root, pb.ROLE_ADMIN, organization="acme")
+        acme = {acme_admin.key.id}
+        beta = set()
+        for i in range(9):  # interleaved in id order at random: filtering spans scan pages
+            org = "acme" if i % 3 == 0 else "beta"
+            made = await create_key(server, root, organization=org)
+            (acme if org == "acme" else beta).add(made.key.id)
+        org_admin = acme_admin.secret_key
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = pb_grpc.KeyAdminServiceStub(channel)
+            # ListKeys: exactly acme's keys, in full pages but the last, at every page size
+            for size in (1, 2, 3, 100):
+                pages = await list_all(stub, org_admin, size)
+                assert [i for page in pages for i in page] == sorted(acme), size
+                assert all(len(page) == size for page in pages[:-1]), (size, pages)
+                assert pages[-1], (size, pages)  # no empty trailing page
+            everything = await list_all(stub, root, 2)
+            root_id = root.split("_")[1]
+            assert {i for page in everything for i in page} == acme | beta | {root_id}
+            code, reason, _ = await failure(
+                stub.ListKeys(pb.ListKeysRequest(page_token="bm9wZQ"), metadata=bearer(org_admin))
+            )
+            assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+
+            # CreateKey: its own organization only; a key of no organization would be an
+            # escalation to server admin
+            mine = await create_key(server, org_admin, pb.ROLE_ADMIN, organization="acme")
+            assert mine.key.organization == "acme"
+            for org in ("beta", "", "Not Valid"):
+                code, reason, _ = await failure(
+                    stub.CreateKey(
+                        pb.CreateKeyRequest(name="x", roles=[pb.ROLE_ADMIN], organization=org),
+                        metadata=bearer(org_admin),
+                    )
+                )
+                assert (code, reason) == (
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "NOT_ORGANIZATION_MEMBER",
+                ), org
+            after = {i for page in await list_all(stub, root, 100) for i in page}
+            assert after == acme | beta | {root_id, mine.key.id}  # nothing else was made
+
+            # RevokeKey: another organization's key (or the server admin's) does not exist
+            beta_id = min(beta)
+            unknown = await failure(
+                stub.RevokeKey(pb.RevokeKeyRequest(id="0" * 16), metadata=bearer(org_admin))
+            )
+            for other in (beta_id, root_id):
+                code, reason, details = await failure(
+                    stub.RevokeKey(pb.RevokeKeyRequest(id=other), metadata=bearer(org_admin))
+                )
+                assert (code, reason) == (grpc.StatusCode.NOT_FOUND, "API_KEY_NOT_FOUND")
+                assert details == unknown[2].replace("0" * 16, other)
+            listed = await stub.ListKeys(pb.ListKeysRequest(), metadata=bearer(root))
+            assert all(not k.HasField("revoke_time") for k in listed.keys)
+            revoked = await stub.RevokeKey(
+                pb.RevokeKeyRequest(id=mine.key.id), metadata=bearer(org_admin)
+            )
+            assert revoked.key.HasField("revoke_time")
+            pages = await list_all(stub, org_admin, 2, include_revoked=True)
+            assert sorted(i for page in pages for i in page) == sorted(acme | {mine.key.id})
+
+            # QueryAudit: the whole server's log, server admins only
+            viewer = (await create_key(server, root, pb.ROLE_VIEWER)).secret_key
+            for key in (org_admin, viewer):
+                code, reason, _ = await failure(
+                    stub.QueryAudit(pb.QueryAuditRequest(), metadata=bearer(key))
+                )
+                assert (code, reason) == (
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "SERVER_ADMIN_REQUIRED",
+                )
+            audit = await stub.QueryAudit(pb.QueryAuditRequest(), metadata=bearer(root))
+            assert audit.entries
+
+
+async def test_wrong_secrets_lock_out_the_key_id_but_not_a_verified_secret(tmp_path: Path) -> None:
+    """Five wrong secrets lock a key id out (answers stay INVALID_KEY and come without hashing);
+    a secret already verified on this server still works; a correct one not yet verified is
+    refused until the window has passed; a burst of one correct new secret is never locked out."""
+    async with running_server(MEMSTORE, tmp_path, auth=True) as server:
+        root = server.bootstrap_key
+        assert root is not None
+        keys = server.security.keys
+        in_use, fresh, burst = [(await create_key(server, root)).secret_key for _ in range(3)]
+        started = time.perf_counter()
+        hash_secret("x" * 43, b"0" * 16, SCRYPT)
+        one_hash = time.perf_counter() - started
+
+        def wrong(key: str, n: int) -> str:
+            return f"prism_{key.split('_')[1]}_{hashlib.sha256(str(n).encode()).hexdigest()[:43]}"
+
+        async def refused(channel: grpc.aio.Channel, key: str) -> None:
+            code, reason, _ = await failure(set_call(channel, bearer(key)))
+            assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "INVALID_KEY")
+
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            await set_call(channel, bearer(in_use))
+            for key in (in_use, fresh):
+                for n in range(keys.lockout_failures):
+                    await refused(channel, wrong(key, n))
+            # locked: more guesses fail the same way, fast (20 scrypt runs would take 20 hashes)
+            started = time.perf_counter()
+            for n in range(20):
+                await refused(channel, wrong(fresh, 100 + n))
+            assert time.perf_counter() - started < 5 * one_hash
+            await refused(channel, fresh)  # right, but first seen during the lockout
+            await set_call(channel, bearer(in_use))  # verified before: no denial of service
+
+            # a client opening with many calls at once shares one check of its new secret
+            await asyncio.gather(*(set_call(channel, bearer(burst)) for _ in range(30)))
+
+            keys.lockout_window = 1.0  # the lockout began well over a second ago by now
+
+            async def accepted() -> bool:
+                try:
+                    await set_call(channel, bearer(fresh))
+                except grpc.aio.AioRpcError:
+                    return False
+                return True
+
+            await eventually(accepted, timeout=10, message="the lockout did not end")
+            await refused(channel, wrong(fresh, 999))  # an accepted secret reset the count...
+            await set_call(channel, bearer(fresh))  # ...and is now verified
 
 
 def database_bytes(data_dir: Path) -> bytes:
