@@ -140,7 +140,7 @@ async def test_admin_rpcs_need_the_admin_role_and_valid_input(tmp_path: Path) ->
 
 
 async def list_all(
-    stub: pb_grpc.KeyAdminServiceStub, key: str, size: int, include_revoked: bool = False
+    stub: pb_grpc.KeyAdminServiceAsyncStub, key: str, size: int, include_revoked: bool = False
 ) -> list[list[str]]:
     """Every page of ListKeys (key ids per page), following next_page_token to its end."""
     pages: list[list[str]] = []
@@ -159,7 +159,7 @@ async def test_organization_admins_manage_only_their_organizations_keys(tmp_path
         assert root is not None
         acme_admin = await create_key(server, root, pb.ROLE_ADMIN, organization="acme")
         acme = {acme_admin.key.id}
-        beta = set()
+        beta: set[str] = set()
         for i in range(9):  # interleaved in id order at random: filtering spans scan pages
             org = "acme" if i % 3 == 0 else "beta"
             made = await create_key(server, root, organization=org)
