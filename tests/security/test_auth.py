@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -328,16 +329,68 @@ async def test_revocation_reaches_another_replica_within_seconds(tmp_path: Path)
             code, reason, _ = await failure(set_call(on_a, bearer(key)))  # at once on A
             assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "KEY_REVOKED")
             revoked_at = time.monotonic()
-
-            async def refused_on_b() -> bool:
-                try:
-                    await set_call(on_b, bearer(key))
-                except grpc.aio.AioRpcError as exc:
-                    return reason_of(exc) == "KEY_REVOKED"
-                return False
-
-            await eventually(refused_on_b, timeout=10, message="B still accepts the key")
+            await eventually(lambda: revoked(on_b, key), timeout=10, message="B accepts the key")
             assert time.monotonic() - revoked_at < b.security.keys.refresh + 2.0
+
+
+async def revoked(channel: grpc.aio.Channel, key: str) -> bool:
+    """Whether the server behind `channel` now refuses `key` as revoked."""
+    try:
+        await set_call(channel, bearer(key))
+    except grpc.aio.AioRpcError as exc:
+        return reason_of(exc) == "KEY_REVOKED"
+    return False
+
+
+async def test_key_rotation_without_a_failed_call_on_two_replicas(tmp_path: Path) -> None:
+    """A client calls both replicas non-stop while a new key is made (on one), the client
+    switches to it, and the old key is revoked (on the other): not one call fails, and the old
+    key is refused everywhere within the refresh time."""
+    async with (
+        running_server(MEMSTORE, tmp_path, auth=True) as a,
+        running_server(MEMSTORE, tmp_path, auth=True) as b,
+        grpc.aio.insecure_channel(a.address) as on_a,
+        grpc.aio.insecure_channel(b.address) as on_b,
+    ):
+        assert a.bootstrap_key is not None
+        old = (await create_key(a, a.bootstrap_key)).secret_key
+        using = [old]
+        answered: dict[str, int] = {}
+        failed: list[grpc.aio.AioRpcError] = []
+        stop = asyncio.Event()
+
+        async def client() -> None:
+            calls = 0
+            while not stop.is_set():
+                key = using[0]
+                try:
+                    await set_call((on_a, on_b)[calls % 2], bearer(key))
+                    answered[key] = answered.get(key, 0) + 1
+                except grpc.aio.AioRpcError as exc:
+                    failed.append(exc)
+                calls += 1
+
+        def answered_at_least(key: str, calls: int) -> bool:
+            return answered.get(key, 0) >= calls
+
+        running = asyncio.create_task(client())
+        try:
+            await eventually(lambda: answered_at_least(old, 20), timeout=10)
+            new = (await create_key(b, a.bootstrap_key)).secret_key
+            using[0] = new
+            await eventually(lambda: answered_at_least(new, 20), timeout=10)
+            await pb_grpc.KeyAdminServiceStub(on_b).RevokeKey(
+                pb.RevokeKeyRequest(id=old.split("_")[1]), metadata=bearer(a.bootstrap_key)
+            )
+            revoked_at = time.monotonic()
+            await eventually(lambda: answered_at_least(new, 100), timeout=10)
+        finally:
+            stop.set()
+            await running
+        assert failed == []
+        for channel in (on_b, on_a):  # B revoked it, A finds out on its next refresh
+            await eventually(partial(revoked, channel, old), timeout=10, message="old key works")
+        assert time.monotonic() - revoked_at < a.security.keys.refresh + 2.0
 
 
 async def test_expired_key_is_refused(tmp_path: Path) -> None:
