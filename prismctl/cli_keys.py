@@ -1,7 +1,8 @@
 """`prismctl keys create|list|revoke`: API keys of a running server (same --address/--namespace/
---api-key as `prismctl artifacts`; needs an admin key). `create` prints the new key once; the
-server keeps only a hash of it. Exit 1 when the server rejects the request, 2 for bad flags,
-3 when it cannot be reached."""
+--api-key as `prismctl artifacts`; needs an admin key: a server admin key (no organization)
+manages every key, an organization's admin key only that organization's, and sees no other).
+`create` prints the new key once; the server keeps only a hash of it. Exit 1 when the server
+rejects the request, 2 for bad flags, 3 when it cannot be reached."""
 
 from __future__ import annotations
 
@@ -96,7 +97,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     create = command("create", _create, "make a key and print it (once)")
     create.add_argument("--name", required=True)
     create.add_argument("--owner")
-    create.add_argument("--org", help="organization")
+    create.add_argument(
+        "--org", help="organization (an organization admin key may only name its own)"
+    )
     create.add_argument(
         "--role", action="append", choices=sorted(ROLES), help="repeatable (default viewer)"
     )

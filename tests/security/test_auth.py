@@ -598,3 +598,30 @@ def test_prismctl_keys_create_list_revoke(secured: tuple[Started, str]) -> None:
     bad = prismctl(started.address, admin, "keys", "create", "--name", "x", "--expires", "soon",
                    ok=False)  # fmt: skip
     assert bad.returncode == 2 and "--expires 'soon'" in bad.stderr
+
+
+def test_prismctl_keys_as_an_organization_admin(secured: tuple[Started, str]) -> None:
+    started, root = secured
+    made = prismctl(started.address, root, "keys", "create", "--name", "acme-admin", "--role",
+                    "admin", "--org", "acme", "--format", "json")  # fmt: skip
+    org_admin = made["secret_key"]
+    other = prismctl(started.address, root, "keys", "create", "--name", "beta-ci", "--org",
+                     "beta", "--format", "json")  # fmt: skip
+    ours = prismctl(started.address, org_admin, "keys", "create", "--name", "acme-ci", "--org",
+                    "acme", "--format", "json")  # fmt: skip
+    listed = prismctl(started.address, org_admin, "keys", "list", "--format", "json")
+    assert {k["id"] for k in listed["keys"]} >= {made["key"]["id"], ours["key"]["id"]}
+    assert {k["organization"] for k in listed["keys"]} == {"acme"}
+
+    escalation = prismctl(started.address, org_admin, "keys", "create", "--name", "root",
+                          "--role", "admin", ok=False)  # fmt: skip
+    assert escalation.returncode == 1
+    assert escalation.stderr.startswith("prismctl: error: PERMISSION_DENIED: ")
+    assert "needs a server admin key" in escalation.stderr
+    hidden = prismctl(started.address, org_admin, "keys", "revoke", other["key"]["id"], ok=False)
+    assert hidden.returncode == 1
+    assert f"NOT_FOUND: no API key '{other['key']['id']}'" in hidden.stderr
+    everything = prismctl(started.address, root, "keys", "list", "--format", "json")
+    assert other["key"]["id"] in {k["id"] for k in everything["keys"]}  # still not revoked
+    audit = prismctl(started.address, org_admin, "audit", ok=False)
+    assert audit.returncode == 1 and "PERMISSION_DENIED" in audit.stderr
