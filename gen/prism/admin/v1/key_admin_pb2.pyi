@@ -120,6 +120,9 @@ class CreateKeyRequest(_message.Message):
     name: _builtins.str
     owner: _builtins.str
     organization: _builtins.str
+    """1-64 characters of a-z, 0-9 and inner '-' (the rule of artifact organizations), or empty for
+    a key of no organization (server admins only). INVALID_ARGUMENT otherwise.
+    """
     @_builtins.property
     def roles(self) -> _containers.RepeatedScalarFieldContainer[Global___Role.ValueType]:
         """At least one role."""
@@ -180,8 +183,9 @@ class ListKeysRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     INCLUDE_REVOKED_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """0: the default (100); at most 1000."""
+    """0: the default (100); at most 1000. Every page but the last is full."""
     page_token: _builtins.str
+    """The next_page_token of the previous page (INVALID_ARGUMENT for anything else)."""
     include_revoked: _builtins.bool
     """Revoked keys are left out unless this is set."""
     def __init__(
@@ -206,6 +210,7 @@ class ListKeysResponse(_message.Message):
     KEYS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Empty when no key the caller may see is left."""
     @_builtins.property
     def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApiKey]: ...
     def __init__(

@@ -27,8 +27,15 @@ if _version_not_supported:
 
 class KeyAdminServiceStub:
     """KeyAdminService manages the server's API keys and reads its audit log. Every RPC requires an
-    API key with the admin role (PERMISSION_DENIED, reason ADMIN_REQUIRED, otherwise); with
-    authentication off (`prism-server --no-auth`) every caller is treated as admin.
+    API key with the admin role (PERMISSION_DENIED, reason ADMIN_REQUIRED, otherwise), and what it
+    reaches depends on the key's organization:
+
+    * a server admin (admin role, no organization; the bootstrap key is one) manages every key and
+    reads the audit log;
+    * an organization admin (admin role in an organization) manages that organization's keys
+    only: other organizations' keys, and keys of no organization, are invisible to it.
+
+    With authentication off (`prism-server --no-auth`) every caller is treated as a server admin.
 
     An API key is `prism_<key id>_<secret>`. The full key is returned once, by CreateKey; the
     server keeps only a salted hash of the secret, so a lost key cannot be recovered, only revoked
@@ -65,8 +72,15 @@ class KeyAdminServiceStub:
 
 class KeyAdminServiceServicer:
     """KeyAdminService manages the server's API keys and reads its audit log. Every RPC requires an
-    API key with the admin role (PERMISSION_DENIED, reason ADMIN_REQUIRED, otherwise); with
-    authentication off (`prism-server --no-auth`) every caller is treated as admin.
+    API key with the admin role (PERMISSION_DENIED, reason ADMIN_REQUIRED, otherwise), and what it
+    reaches depends on the key's organization:
+
+    * a server admin (admin role, no organization; the bootstrap key is one) manages every key and
+    reads the audit log;
+    * an organization admin (admin role in an organization) manages that organization's keys
+    only: other organizations' keys, and keys of no organization, are invisible to it.
+
+    With authentication off (`prism-server --no-auth`) every caller is treated as a server admin.
 
     An API key is `prism_<key id>_<secret>`. The full key is returned once, by CreateKey; the
     server keeps only a salted hash of the secret, so a lost key cannot be recovered, only revoked
@@ -74,28 +88,34 @@ class KeyAdminServiceServicer:
     """
 
     def CreateKey(self, request, context):
-        """CreateKey makes a new key and returns it, the only time its secret is ever shown.
+        """CreateKey makes a new key and returns it, the only time its secret is ever shown. An
+        organization admin may only create keys of its own organization (PERMISSION_DENIED, reason
+        NOT_ORGANIZATION_MEMBER, for any other, including none: that would be a server admin key).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListKeys(self, request, context):
-        """ListKeys returns key metadata (never secrets or hashes), ordered by key id, paginated.
+        """ListKeys returns key metadata (never secrets or hashes), ordered by key id, paginated; an
+        organization admin sees its organization's keys only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RevokeKey(self, request, context):
-        """RevokeKey disables a key for good; NOT_FOUND (reason API_KEY_NOT_FOUND) for an unknown id.
+        """RevokeKey disables a key for good; NOT_FOUND (reason API_KEY_NOT_FOUND) for an unknown id,
+        and for an organization admin naming a key of another organization (or of none).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def QueryAudit(self, request, context):
-        """QueryAudit returns audit entries matching every given filter, newest first, paginated.
+        """QueryAudit returns audit entries matching every given filter, newest first, paginated. The
+        log covers every organization: it needs a server admin (PERMISSION_DENIED, reason
+        SERVER_ADMIN_REQUIRED, otherwise).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -134,8 +154,15 @@ def add_KeyAdminServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class KeyAdminService:
     """KeyAdminService manages the server's API keys and reads its audit log. Every RPC requires an
-    API key with the admin role (PERMISSION_DENIED, reason ADMIN_REQUIRED, otherwise); with
-    authentication off (`prism-server --no-auth`) every caller is treated as admin.
+    API key with the admin role (PERMISSION_DENIED, reason ADMIN_REQUIRED, otherwise), and what it
+    reaches depends on the key's organization:
+
+    * a server admin (admin role, no organization; the bootstrap key is one) manages every key and
+    reads the audit log;
+    * an organization admin (admin role in an organization) manages that organization's keys
+    only: other organizations' keys, and keys of no organization, are invisible to it.
+
+    With authentication off (`prism-server --no-auth`) every caller is treated as a server admin.
 
     An API key is `prism_<key id>_<secret>`. The full key is returned once, by CreateKey; the
     server keeps only a salted hash of the secret, so a lost key cannot be recovered, only revoked

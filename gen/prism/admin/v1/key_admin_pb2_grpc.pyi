@@ -28,8 +28,15 @@ GRPC_VERSION: str
 
 class KeyAdminServiceStub:
     """KeyAdminService manages the server's API keys and reads its audit log. Every RPC requires an
-    API key with the admin role (PERMISSION_DENIED, reason ADMIN_REQUIRED, otherwise); with
-    authentication off (`prism-server --no-auth`) every caller is treated as admin.
+    API key with the admin role (PERMISSION_DENIED, reason ADMIN_REQUIRED, otherwise), and what it
+    reaches depends on the key's organization:
+
+    * a server admin (admin role, no organization; the bootstrap key is one) manages every key and
+      reads the audit log;
+    * an organization admin (admin role in an organization) manages that organization's keys
+      only: other organizations' keys, and keys of no organization, are invisible to it.
+
+    With authentication off (`prism-server --no-auth`) every caller is treated as a server admin.
 
     An API key is `prism_<key id>_<secret>`. The full key is returned once, by CreateKey; the
     server keeps only a salted hash of the secret, so a lost key cannot be recovered, only revoked
@@ -41,19 +48,36 @@ class KeyAdminServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> KeyAdminServiceAsyncStub: ...
     CreateKey: _grpc.UnaryUnaryMultiCallable[_key_admin_pb2.CreateKeyRequest, _key_admin_pb2.CreateKeyResponse]
-    """CreateKey makes a new key and returns it, the only time its secret is ever shown."""
+    """CreateKey makes a new key and returns it, the only time its secret is ever shown. An
+    organization admin may only create keys of its own organization (PERMISSION_DENIED, reason
+    NOT_ORGANIZATION_MEMBER, for any other, including none: that would be a server admin key).
+    """
     ListKeys: _grpc.UnaryUnaryMultiCallable[_key_admin_pb2.ListKeysRequest, _key_admin_pb2.ListKeysResponse]
-    """ListKeys returns key metadata (never secrets or hashes), ordered by key id, paginated."""
+    """ListKeys returns key metadata (never secrets or hashes), ordered by key id, paginated; an
+    organization admin sees its organization's keys only.
+    """
     RevokeKey: _grpc.UnaryUnaryMultiCallable[_key_admin_pb2.RevokeKeyRequest, _key_admin_pb2.RevokeKeyResponse]
-    """RevokeKey disables a key for good; NOT_FOUND (reason API_KEY_NOT_FOUND) for an unknown id."""
+    """RevokeKey disables a key for good; NOT_FOUND (reason API_KEY_NOT_FOUND) for an unknown id,
+    and for an organization admin naming a key of another organization (or of none).
+    """
     QueryAudit: _grpc.UnaryUnaryMultiCallable[_key_admin_pb2.QueryAuditRequest, _key_admin_pb2.QueryAuditResponse]
-    """QueryAudit returns audit entries matching every given filter, newest first, paginated."""
+    """QueryAudit returns audit entries matching every given filter, newest first, paginated. The
+    log covers every organization: it needs a server admin (PERMISSION_DENIED, reason
+    SERVER_ADMIN_REQUIRED, otherwise).
+    """
 
 @_typing.type_check_only
 class KeyAdminServiceAsyncStub(KeyAdminServiceStub):
     """KeyAdminService manages the server's API keys and reads its audit log. Every RPC requires an
-    API key with the admin role (PERMISSION_DENIED, reason ADMIN_REQUIRED, otherwise); with
-    authentication off (`prism-server --no-auth`) every caller is treated as admin.
+    API key with the admin role (PERMISSION_DENIED, reason ADMIN_REQUIRED, otherwise), and what it
+    reaches depends on the key's organization:
+
+    * a server admin (admin role, no organization; the bootstrap key is one) manages every key and
+      reads the audit log;
+    * an organization admin (admin role in an organization) manages that organization's keys
+      only: other organizations' keys, and keys of no organization, are invisible to it.
+
+    With authentication off (`prism-server --no-auth`) every caller is treated as a server admin.
 
     An API key is `prism_<key id>_<secret>`. The full key is returned once, by CreateKey; the
     server keeps only a salted hash of the secret, so a lost key cannot be recovered, only revoked
@@ -62,18 +86,35 @@ class KeyAdminServiceAsyncStub(KeyAdminServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateKey: _aio.UnaryUnaryMultiCallable[_key_admin_pb2.CreateKeyRequest, _key_admin_pb2.CreateKeyResponse]  # type: ignore[assignment]
-    """CreateKey makes a new key and returns it, the only time its secret is ever shown."""
+    """CreateKey makes a new key and returns it, the only time its secret is ever shown. An
+    organization admin may only create keys of its own organization (PERMISSION_DENIED, reason
+    NOT_ORGANIZATION_MEMBER, for any other, including none: that would be a server admin key).
+    """
     ListKeys: _aio.UnaryUnaryMultiCallable[_key_admin_pb2.ListKeysRequest, _key_admin_pb2.ListKeysResponse]  # type: ignore[assignment]
-    """ListKeys returns key metadata (never secrets or hashes), ordered by key id, paginated."""
+    """ListKeys returns key metadata (never secrets or hashes), ordered by key id, paginated; an
+    organization admin sees its organization's keys only.
+    """
     RevokeKey: _aio.UnaryUnaryMultiCallable[_key_admin_pb2.RevokeKeyRequest, _key_admin_pb2.RevokeKeyResponse]  # type: ignore[assignment]
-    """RevokeKey disables a key for good; NOT_FOUND (reason API_KEY_NOT_FOUND) for an unknown id."""
+    """RevokeKey disables a key for good; NOT_FOUND (reason API_KEY_NOT_FOUND) for an unknown id,
+    and for an organization admin naming a key of another organization (or of none).
+    """
     QueryAudit: _aio.UnaryUnaryMultiCallable[_key_admin_pb2.QueryAuditRequest, _key_admin_pb2.QueryAuditResponse]  # type: ignore[assignment]
-    """QueryAudit returns audit entries matching every given filter, newest first, paginated."""
+    """QueryAudit returns audit entries matching every given filter, newest first, paginated. The
+    log covers every organization: it needs a server admin (PERMISSION_DENIED, reason
+    SERVER_ADMIN_REQUIRED, otherwise).
+    """
 
 class KeyAdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """KeyAdminService manages the server's API keys and reads its audit log. Every RPC requires an
-    API key with the admin role (PERMISSION_DENIED, reason ADMIN_REQUIRED, otherwise); with
-    authentication off (`prism-server --no-auth`) every caller is treated as admin.
+    API key with the admin role (PERMISSION_DENIED, reason ADMIN_REQUIRED, otherwise), and what it
+    reaches depends on the key's organization:
+
+    * a server admin (admin role, no organization; the bootstrap key is one) manages every key and
+      reads the audit log;
+    * an organization admin (admin role in an organization) manages that organization's keys
+      only: other organizations' keys, and keys of no organization, are invisible to it.
+
+    With authentication off (`prism-server --no-auth`) every caller is treated as a server admin.
 
     An API key is `prism_<key id>_<secret>`. The full key is returned once, by CreateKey; the
     server keeps only a salted hash of the secret, so a lost key cannot be recovered, only revoked
@@ -86,7 +127,10 @@ class KeyAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _key_admin_pb2.CreateKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_key_admin_pb2.CreateKeyResponse, _abc.Awaitable[_key_admin_pb2.CreateKeyResponse]]:
-        """CreateKey makes a new key and returns it, the only time its secret is ever shown."""
+        """CreateKey makes a new key and returns it, the only time its secret is ever shown. An
+        organization admin may only create keys of its own organization (PERMISSION_DENIED, reason
+        NOT_ORGANIZATION_MEMBER, for any other, including none: that would be a server admin key).
+        """
 
     @_abc_1.abstractmethod
     def ListKeys(
@@ -94,7 +138,9 @@ class KeyAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _key_admin_pb2.ListKeysRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_key_admin_pb2.ListKeysResponse, _abc.Awaitable[_key_admin_pb2.ListKeysResponse]]:
-        """ListKeys returns key metadata (never secrets or hashes), ordered by key id, paginated."""
+        """ListKeys returns key metadata (never secrets or hashes), ordered by key id, paginated; an
+        organization admin sees its organization's keys only.
+        """
 
     @_abc_1.abstractmethod
     def RevokeKey(
@@ -102,7 +148,9 @@ class KeyAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _key_admin_pb2.RevokeKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_key_admin_pb2.RevokeKeyResponse, _abc.Awaitable[_key_admin_pb2.RevokeKeyResponse]]:
-        """RevokeKey disables a key for good; NOT_FOUND (reason API_KEY_NOT_FOUND) for an unknown id."""
+        """RevokeKey disables a key for good; NOT_FOUND (reason API_KEY_NOT_FOUND) for an unknown id,
+        and for an organization admin naming a key of another organization (or of none).
+        """
 
     @_abc_1.abstractmethod
     def QueryAudit(
@@ -110,6 +158,9 @@ class KeyAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _key_admin_pb2.QueryAuditRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_key_admin_pb2.QueryAuditResponse, _abc.Awaitable[_key_admin_pb2.QueryAuditResponse]]:
-        """QueryAudit returns audit entries matching every given filter, newest first, paginated."""
+        """QueryAudit returns audit entries matching every given filter, newest first, paginated. The
+        log covers every organization: it needs a server admin (PERMISSION_DENIED, reason
+        SERVER_ADMIN_REQUIRED, otherwise).
+        """
 
 def add_KeyAdminServiceServicer_to_server(servicer: KeyAdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
