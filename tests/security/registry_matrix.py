@@ -279,8 +279,8 @@ class Deployment:
     callers: dict[str, Caller] = field(default_factory=dict)
     world: dict[str, Fixture] = field(default_factory=dict)
     collections: dict[str, pb.Collection] = field(default_factory=dict)
-    #: (identity, full method, status code name) of every call, in order
-    calls: list[tuple[str, str, str]] = field(default_factory=list)
+    #: (identity, full method, status code name, ErrorInfo reason) of every call, in order
+    calls: list[tuple[str, str, str, str]] = field(default_factory=list)
     _serial: itertools.count[int] = field(default_factory=itertools.count)
 
     def __post_init__(self) -> None:
@@ -316,7 +316,8 @@ class Deployment:
         except grpc.aio.AioRpcError as exc:
             info, _ = error_details(exc)
             result = Result(Outcome(exc.code(), info.reason if info else ""), error=exc)
-        self.calls.append((caller.identity, f"{service}/{rpc}", result.outcome.code.name))
+        outcome = result.outcome
+        self.calls.append((caller.identity, f"{service}/{rpc}", outcome.code.name, outcome.reason))
         return result
 
     async def ok(self, caller: Caller, rpc: str, request: Message) -> Any:

@@ -289,7 +289,6 @@ async def check_leaks(dep: Deployment, caller: Caller) -> list[str]:
             if needle in data:
                 problems.append(f"{rpc}({request}) as {caller.name} leaks {key}")
         if rpc == "ListArtifacts":
-            request.page_size = 0
             counted = await dep.ok(caller, "CountArtifacts",
                                    pb.CountArtifactsRequest(filter=request.filter))  # fmt: skip
             if counted.count != len(response.artifacts):
@@ -791,13 +790,13 @@ async def test_export_and_resolve_leave_out_hidden_dependencies(dep: Deployment)
 # ---- audit -----------------------------------------------------------------------------------
 
 
-async def audited(dep: Deployment, caller: Caller) -> Counter[tuple[str, str]]:
-    entries: Counter[tuple[str, str]] = Counter()
+async def audited(dep: Deployment, caller: Caller) -> Counter[tuple[str, str, str]]:
+    entries: Counter[tuple[str, str, str]] = Counter()
     request = key_pb.QueryAuditRequest(identity=caller.identity, page_size=1000)
     admin_md = dep.admin.metadata
     while True:
         page = await dep.keys.QueryAudit(request, metadata=admin_md)
-        entries.update((e.method, e.outcome) for e in page.entries)
+        entries.update((e.method, e.outcome, e.reason) for e in page.entries)
         if not page.next_page_token:
             return entries
         request.page_token = page.next_page_token
@@ -807,10 +806,10 @@ async def test_audit_has_every_mutating_and_denied_call(dep: Deployment) -> None
     """Runs last: the audit log must hold, per caller, exactly the calls this module made that
     mutate or were denied (QueryAudit itself only reads and succeeds: not audited)."""
 
-    def recorded(caller: Caller) -> Counter[tuple[str, str]]:
+    def recorded(caller: Caller) -> Counter[tuple[str, str, str]]:
         return Counter(
-            (method, outcome)
-            for identity, method, outcome in dep.calls
+            (method, outcome, reason)
+            for identity, method, outcome, reason in dep.calls
             if identity == caller.identity
             and (method.rpartition("/")[2] in MUTATING or outcome in DENIED)
         )
@@ -826,6 +825,7 @@ async def test_audit_has_every_mutating_and_denied_call(dep: Deployment) -> None
     async def settled() -> bool:
         return not await matches()
 
+    assert recorded(dep.admin), "the setup's mutations are recorded"
     try:
         await eventually(settled, timeout=10, interval=0.2)
     except TimeoutError:
