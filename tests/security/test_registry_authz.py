@@ -401,6 +401,11 @@ RULES: dict[str, Rule] = {
                          lambda a, c: pb.ListVersionsRequest(
                              organization=a.organization, slug=a.slug),
                          empty_when_hidden=True),
+    "ListVersions+include_deleted": Rule(
+        "ListVersions", Need.VISIBLE, None,
+        lambda a, c: pb.ListVersionsRequest(
+            organization=a.organization, slug=a.slug, include_deleted=True),
+        deleted=True, empty_when_hidden=True),
     "ListStargazers": Rule("ListStargazers", Need.VISIBLE, None,
                            lambda a, c: pb.ListStargazersRequest(id=a.id)),
     "ResolveDependencies": Rule("ResolveDependencies", Need.VISIBLE, None,
@@ -432,6 +437,8 @@ RULES: dict[str, Rule] = {
                              lambda a, c: pb.UndeleteArtifactRequest(id=a.id), deleted=True),
     "PurgeArtifact": Rule("PurgeArtifact", Need.ADMIN, "draft",
                           lambda a, c: pb.PurgeArtifactRequest(id=a.id)),
+    "PurgeArtifact+deleted": Rule("PurgeArtifact", Need.ADMIN, "deleted",
+                                  lambda a, c: pb.PurgeArtifactRequest(id=a.id), deleted=True),
     "RecordDownload": Rule("RecordDownload", Need.VISIBLE, "published",
                            lambda a, c: pb.RecordDownloadRequest(id=a.id)),
     "RecordView": Rule("RecordView", Need.VISIBLE, "published",
@@ -449,6 +456,16 @@ RULES: dict[str, Rule] = {
         "UnstarArtifact", Need.VISIBLE, "published",
         lambda a, c: pb.UnstarArtifactRequest(id=a.id, user=STRANGER), other_user=True),
 }  # fmt: skip
+
+
+#: what a successful read answered about: it must be the target and nothing else
+SHOWN: dict[str, Callable[[Any], list[str]]] = {
+    "GetArtifact": lambda r: [r.artifact.id],
+    "GetArtifactBySlug": lambda r: [r.artifact.id],
+    "GetVersion": lambda r: [r.artifact.id],
+    "ListVersions": lambda r: [v.id for v in r.versions],
+    "ExportPack": lambda r: [c.chunk.artifact.id for c in r if c.chunk.HasField("artifact")],
+}
 
 
 def expected(rule: Rule, caller: Caller, visibility: Vis) -> Outcome:
@@ -497,7 +514,8 @@ async def check_cell(dep: Deployment, label: str, caller: Caller, visibility: Vi
     if result.outcome != want:
         return [f"{where}: want {want}, got {describe(result)}"]
     problems: list[str] = []
-    if want.code == NOT_FOUND or (rule.empty_when_hidden and not caller.sees(ACME, visibility)):
+    hidden = not caller.sees(ACME, visibility, deleted=rule.deleted)
+    if want.code == NOT_FOUND or (rule.empty_when_hidden and hidden):
         if rule.empty_when_hidden and list(result.response.versions):
             problems.append(f"{where}: hidden versions listed")
         mismatch = await same_as_missing(dep, caller, rule.rpc, result, target, rule.build,
@@ -512,6 +530,8 @@ async def check_cell(dep: Deployment, label: str, caller: Caller, visibility: Vi
         have = caller.level_in(ACME).name.lower()
         if (meta.get("required"), meta.get("level")) != (need, have):
             problems.append(f"{where}: ROLE_REQUIRED metadata {meta}, want {need}/{have}")
+    elif want == OK and rule.rpc in SHOWN and SHOWN[rule.rpc](result.response) != [target.id]:
+        problems.append(f"{where}: answered about {SHOWN[rule.rpc](result.response)}")
     elif want == OK and rule.rpc == "StarArtifact":
         users = (await dep.ok(dep.admin, "ListStargazers",
                               pb.ListStargazersRequest(id=target.id))).users  # fmt: skip
