@@ -8,7 +8,8 @@ without an admin key in the store prints a bootstrap admin key once, on stdout, 
 `listening on` line. Exit codes: 0 clean shutdown, 1 config findings, 2 usage (including a
 certificate or key with wrong content), 3 cannot start (invalid registry, bind failure,
 unreachable backend or sidecar, unreadable certificate file, unusable keyring, a secret vault
-without a keyring)."""
+without a keyring). Without a keyring the server uses (and first creates) `keyring.yaml` in the
+data directory, for the registry's private sources, and warns that it lives beside the data."""
 
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--keyring",
         type=Path,
         default=Path(env_keyring) if env_keyring else None,
-        help="encryption-at-rest keyring file (env PRISM_KEYRING; else env PRISM_ENCRYPTION_KEYS)",
+        help="encryption-at-rest keyring file (env PRISM_KEYRING; else env PRISM_ENCRYPTION_KEYS; "
+        "default: DATA_DIR/keyring.yaml, created if missing, not accepted by secret vaults)",
     )
     parser.add_argument(
         "--no-auth",
