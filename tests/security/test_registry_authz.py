@@ -408,6 +408,14 @@ RULES: dict[str, Rule] = {
     "GetArtifactBySlug": Rule("GetArtifactBySlug", Need.VISIBLE, None,
                               lambda a, c: pb.GetArtifactBySlugRequest(
                                   organization=a.organization, slug=a.slug)),
+    "GetArtifactBySlug+range": Rule("GetArtifactBySlug", Need.VISIBLE, None,
+                                    lambda a, c: pb.GetArtifactBySlugRequest(
+                                        organization=a.organization, slug=a.slug,
+                                        version="^1.0.0", include_drafts=True)),
+    "GetArtifactBySlug+version": Rule("GetArtifactBySlug", Need.VISIBLE, None,
+                                      lambda a, c: pb.GetArtifactBySlugRequest(
+                                          organization=a.organization, slug=a.slug,
+                                          version=a.version)),
     "GetVersion": Rule("GetVersion", Need.VISIBLE, None,
                        lambda a, c: pb.GetVersionRequest(
                            organization=a.organization, slug=a.slug, version=a.version)),
