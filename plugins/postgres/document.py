@@ -22,24 +22,16 @@ from typing import Any
 
 from prism.interfaces.document.v1 import document_basic_pb2 as basic_pb
 from prism.interfaces.document.v1 import document_indexing_pb2 as index_pb
-from prism.interfaces.document.v1 import document_query_pb2 as query_pb
-from prism.interfaces.document.v1 import document_search_pb2 as search_pb
 from psycopg import errors, sql
 
 from plugins.postgres.db import Conn, Database
 from plugins.postgres.docquery import Sql
-from plugins.runtime import docfilter, docindex, docpages, textsearch, validation
+from plugins.runtime import docfilter, docindex, sqldocuments, textsearch, validation
 from plugins.runtime.context import CallContext
-from plugins.runtime.errors import (
-    Aborted,
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-)
+from plugins.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from plugins.runtime.sqldocuments import Groups, Row, not_found, revision_mismatch, unique_violation
 
 DOC_COLUMNS = "id, body::text, revision, create_time, update_time"
-Row = tuple[Any, ...]
 
 
 def to_document(row: Row) -> basic_pb.Document:
@@ -82,31 +74,15 @@ def _body(text: str) -> tuple[str, list[str]]:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")), search_words(body)
 
 
-def _not_found(collection: str, doc_id: str) -> NotFound:
-    return NotFound(
-        f"document {doc_id!r} not found in {collection!r}",
-        reason="DOCUMENT_NOT_FOUND",
-        collection=collection,
-        id=doc_id,
-    )
-
-
-def _mismatch(collection: str, doc_id: str, expected: int, current: int) -> Aborted:
-    return Aborted(
-        f"revision of document {doc_id!r} is {current}, not {expected}",
-        reason="REVISION_MISMATCH",
-        collection=collection,
-        id=doc_id,
-        current_revision=current,
-    )
-
-
 def _sql_name(ns: str, collection: str, name: str) -> str:
     return "pdx_" + hashlib.sha256(f"{ns}\0{collection}\0{name}".encode()).hexdigest()[:40]
 
 
-class PostgresDocuments:
+class PostgresDocuments(sqldocuments.SqlDocumentQueries):
     """document_basic, document_query, document_indexing and document_search."""
+
+    token_prefix = "postgres"
+    _document = staticmethod(to_document)
 
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -126,13 +102,7 @@ class PostgresDocuments:
                 row = await cur.fetchone()
             if row is None:
                 raise  # not one of our unique indexes: a bug, reported as INTERNAL
-            raise AlreadyExists(
-                f"document {doc_id!r} duplicates another document under unique index {row[0]!r}",
-                reason="UNIQUE_VIOLATION",
-                collection=collection,
-                id=doc_id,
-                index=row[0],
-            ) from exc
+            raise unique_violation(collection, doc_id, row[0]) from exc
         except errors.UntranslatableCharacter as exc:
             raise InvalidArgument("json", "U+0000 cannot be stored by postgres") from exc
 
@@ -188,7 +158,7 @@ class PostgresDocuments:
             )
             row = await cur.fetchone()
         if row is None:
-            raise _not_found(collection, doc_id)
+            raise not_found(collection, doc_id)
         return basic_pb.GetResponse(document=to_document(row))
 
     async def update(
@@ -227,9 +197,9 @@ class PostgresDocuments:
                 return basic_pb.UpdateResponse(document=to_document(row), created=False)
             if expected:
                 current = await self._revision(ctx, collection, doc_id)
-                raise _mismatch(collection, doc_id, expected, current)
+                raise revision_mismatch(collection, doc_id, expected, current)
             if not request.allow_missing:
-                raise _not_found(collection, doc_id)
+                raise not_found(collection, doc_id)
             row = await self._write(ctx, collection, doc_id, create)
             if row is not None:
                 return basic_pb.UpdateResponse(document=to_document(row), created=True)
@@ -250,7 +220,7 @@ class PostgresDocuments:
             deleted = cur.rowcount > 0
         if expected and not deleted:
             current = await self._revision(ctx, collection, doc_id)
-            raise _mismatch(collection, doc_id, expected, current)
+            raise revision_mismatch(collection, doc_id, expected, current)
         return basic_pb.DeleteResponse(deleted=deleted)
 
     # -- query -------------------------------------------------------------------------------
@@ -265,17 +235,17 @@ class PostgresDocuments:
         spec: docfilter.SortSpec | None = None,
         after: docfilter.SortKey | None = None,
         limit: int | None = None,
-        words: list[str] | None = None,
+        terms: list[str] | None = None,
     ) -> list[Row]:
-        """Rows of the collection matching `node` (and holding every one of `words`), in
-        `spec` order after `after`."""
+        """See SqlDocumentQueries._select; `columns` may also be built with the statement's
+        own Sql (for values it reads)."""
         builder = Sql()
         selected = columns if isinstance(columns, str) else columns(builder)
         where = builder.where(node)
         if spec is not None and after is not None:
             where += " AND " + builder.after(spec, after)
-        if words:
-            where += " AND words @> " + builder.p(words, '::text[] COLLATE "C"')
+        if terms:
+            where += " AND words @> " + builder.p(terms, '::text[] COLLATE "C"')
         order = f" ORDER BY {builder.order_by(spec)}" if spec is not None else ""
         bound = f" LIMIT {builder.p(limit, '::bigint')}" if limit is not None else ""
         statement = (
@@ -290,52 +260,13 @@ class PostgresDocuments:
         except errors.UntranslatableCharacter as exc:
             raise InvalidArgument("filter", "U+0000 cannot be compared by postgres") from exc
 
-    async def find(self, request: query_pb.FindRequest, ctx: CallContext) -> query_pb.FindResponse:
-        collection = validation.collection(request.collection)
-        node = docfilter.parse_filter(request.filter)
-        spec = docfilter.parse_sort([(s.field, s.descending) for s in request.sort])
-        size = validation.page_size(request.page_size)
-        scope = docfilter.token_scope(collection, request.filter, spec.canonical())
-        position = validation.decode_page_token(request.page_token, "postgres.find", scope)
-        after = None if position is None else docfilter.key_from_position(position, spec)
-        rows = await self._select(collection, node, ctx, spec=spec, after=after, limit=size + 1)
-        token = ""
-        if len(rows) > size:
-            rows = rows[:size]
-            last = spec.key(rows[-1][0], json.loads(rows[-1][1]))
-            token = validation.encode_page_token("postgres.find", scope, last.position())
-        return query_pb.FindResponse(
-            documents=[to_document(r) for r in rows], next_page_token=token
-        )
-
-    async def find_one(
-        self, request: query_pb.FindOneRequest, ctx: CallContext
-    ) -> query_pb.FindOneResponse:
-        collection = validation.collection(request.collection)
-        node = docfilter.parse_filter(request.filter)
-        spec = docfilter.parse_sort([(s.field, s.descending) for s in request.sort])
-        rows = await self._select(collection, node, ctx, spec=spec, limit=1)
-        if not rows:
-            return query_pb.FindOneResponse(found=False)
-        return query_pb.FindOneResponse(found=True, document=to_document(rows[0]))
-
-    async def count(
-        self, request: query_pb.CountRequest, ctx: CallContext
-    ) -> query_pb.CountResponse:
-        collection = validation.collection(request.collection)
-        node = docfilter.parse_filter(request.filter)
-        rows = await self._select(collection, node, ctx, columns="count(*)")
-        return query_pb.CountResponse(count=int(rows[0][0]))
-
-    async def aggregate(
-        self, request: query_pb.AggregateRequest, ctx: CallContext
-    ) -> query_pb.AggregateResponse:
-        """Filtered in SQL, grouped by the shared docfilter.aggregate so the grouping and
-        accumulator rules are the same on every backend."""
-        collection = validation.collection(request.collection)
-        node = docfilter.parse_filter(request.filter)
-        paging = docpages.AggregatePaging.parse(request, collection, "postgres.aggregate")
-        spec = paging.spec
+    async def _aggregate_groups(
+        self,
+        collection: str,
+        node: docfilter.Node,
+        spec: docfilter.AggregateSpec,
+        ctx: CallContext,
+    ) -> Groups:
         paths = [p for p in [spec.group_by] if p is not None]
         paths += [path for _, path in spec.accumulators]
 
@@ -345,22 +276,10 @@ class PostgresDocuments:
 
         rows = await self._select(collection, node, ctx, columns=values)
         first = 0 if spec.group_by is None else 1
-        groups = docfilter.aggregate_values(
+        return docfilter.aggregate_values(
             ((v[0] if first else None, v[first:]) for v in (json.loads(r[0]) for r in rows)),
             spec,
         )
-        return paging.page(groups)
-
-    # -- search ------------------------------------------------------------------------------
-
-    async def search(
-        self, request: search_pb.SearchRequest, ctx: CallContext
-    ) -> search_pb.SearchResponse:
-        collection = validation.collection(request.collection)
-        paging = docpages.SearchPaging.parse(request, collection, "postgres.search")
-        rows = await self._select(collection, paging.node, ctx, words=paging.terms)
-        candidates = [(r[0], json.loads(r[1])) for r in rows]
-        return paging.page(candidates, lambda i: to_document(rows[i]))
 
     # -- indexing ----------------------------------------------------------------------------
 
@@ -447,24 +366,16 @@ class PostgresDocuments:
         await self._run(ctx, job)
         return index_pb.DropIndexResponse()
 
-    async def list_indexes(
-        self, request: index_pb.ListIndexesRequest, ctx: CallContext
-    ) -> index_pb.ListIndexesResponse:
-        collection = validation.collection(request.collection)
-        size = validation.page_size(request.page_size)
-        after = validation.scan_after(request.page_token, "postgres.indexes", collection)
+    async def _index_definitions(
+        self, collection: str, after: str, limit: int, ctx: CallContext
+    ) -> list[bytes]:
         async with self.db.connection(ctx) as conn:
             cur = await conn.execute(
                 "SELECT definition FROM prism_doc_indexes WHERE ns = %s AND collection = %s "
                 "AND name > %s ORDER BY name LIMIT %s",
-                (ctx.namespace, collection, after or "", size + 1),
+                (ctx.namespace, collection, after, limit),
             )
-            indexes = [index_pb.Index.FromString(bytes(r[0])) for r in await cur.fetchall()]
-        token = ""
-        if len(indexes) > size:
-            indexes = indexes[:size]
-            token = validation.encode_page_token("postgres.indexes", collection, indexes[-1].name)
-        return index_pb.ListIndexesResponse(indexes=indexes, next_page_token=token)
+            return [bytes(r[0]) for r in await cur.fetchall()]
 
 
 def _index_ddl(sql_name: str, ns: str, collection: str, spec: docfilter.IndexSpec) -> sql.Composed:

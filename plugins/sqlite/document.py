@@ -25,17 +25,11 @@ from typing import Any
 from prism.interfaces.document.v1 import document_basic_pb2 as basic_pb
 from prism.interfaces.document.v1 import document_indexing_pb2 as index_pb
 from prism.interfaces.document.v1 import document_query_pb2 as query_pb
-from prism.interfaces.document.v1 import document_search_pb2 as search_pb
 
-from plugins.runtime import docfilter, docindex, docpages, validation
+from plugins.runtime import docfilter, docindex, sqldocuments, validation
 from plugins.runtime.context import CallContext
-from plugins.runtime.errors import (
-    Aborted,
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-)
+from plugins.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from plugins.runtime.sqldocuments import Groups, Row, not_found, revision_mismatch, unique_violation
 from plugins.sqlite.db import Database
 from plugins.sqlite.docquery import (
     SCALAR_TYPES,
@@ -65,25 +59,6 @@ def canonical(body: dict[str, Any]) -> str:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
 
 
-def _not_found(collection: str, doc_id: str) -> NotFound:
-    return NotFound(
-        f"document {doc_id!r} not found in {collection!r}",
-        reason="DOCUMENT_NOT_FOUND",
-        collection=collection,
-        id=doc_id,
-    )
-
-
-def _mismatch(collection: str, doc_id: str, expected: int, current: int) -> Aborted:
-    return Aborted(
-        f"revision of document {doc_id!r} is {current}, not {expected}",
-        reason="REVISION_MISMATCH",
-        collection=collection,
-        id=doc_id,
-        current_revision=current,
-    )
-
-
 def _unique_violation(
     conn: sqlite3.Connection, exc: sqlite3.IntegrityError, ns: str, collection: str, doc_id: str
 ) -> AlreadyExists:
@@ -95,13 +70,7 @@ def _unique_violation(
         ).fetchone()
     if row is None:
         raise exc  # not one of our unique indexes: a bug, reported as INTERNAL
-    return AlreadyExists(
-        f"document {doc_id!r} duplicates another document under unique index {row[0]!r}",
-        reason="UNIQUE_VIOLATION",
-        collection=collection,
-        id=doc_id,
-        index=row[0],
-    )
+    return unique_violation(collection, doc_id, row[0])
 
 
 def _current(
@@ -195,8 +164,11 @@ def select_statement(
     return statement, {**sql.params, "ns": ns, "collection": collection, "limit": limit}
 
 
-class SqliteDocuments:
+class SqliteDocuments(sqldocuments.SqlDocumentQueries):
     """document_basic, _query, _search and _indexing."""
+
+    token_prefix = "sqlite"
+    _document = staticmethod(to_document)
 
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -238,7 +210,7 @@ class SqliteDocuments:
             ).fetchone()
         )
         if row is None:
-            raise _not_found(collection, doc_id)
+            raise not_found(collection, doc_id)
         return basic_pb.GetResponse(document=to_document(row))
 
     async def update(
@@ -253,10 +225,12 @@ class SqliteDocuments:
         def job(conn: sqlite3.Connection) -> basic_pb.UpdateResponse:
             current = _current(conn, ns, collection, doc_id)
             if expected and (current is None or current[0] != expected):
-                raise _mismatch(collection, doc_id, expected, 0 if current is None else current[0])
+                raise revision_mismatch(
+                    collection, doc_id, expected, 0 if current is None else current[0]
+                )
             if current is None:
                 if not request.allow_missing:
-                    raise _not_found(collection, doc_id)
+                    raise not_found(collection, doc_id)
                 doc = _write(conn, ns, collection, doc_id, body, 1, time.time_ns())
                 return basic_pb.UpdateResponse(document=doc, created=True)
             doc = _write(conn, ns, collection, doc_id, body, current[0] + 1, current[1])
@@ -275,7 +249,9 @@ class SqliteDocuments:
         def job(conn: sqlite3.Connection) -> bool:
             current = _current(conn, ns, collection, doc_id)
             if expected and (current is None or current[0] != expected):
-                raise _mismatch(collection, doc_id, expected, 0 if current is None else current[0])
+                raise revision_mismatch(
+                    collection, doc_id, expected, 0 if current is None else current[0]
+                )
             if current is None:
                 return False
             (rowid,) = conn.execute(
@@ -298,96 +274,51 @@ class SqliteDocuments:
         columns: str = DOC_COLUMNS,
         spec: docfilter.SortSpec | None = None,
         after: docfilter.SortKey | None = None,
-        limit: int = -1,
-        words: str | None = None,
-    ) -> list[tuple[Any, ...]]:
-        def job(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+        limit: int | None = None,
+        terms: list[str] | None = None,
+    ) -> list[Row]:
+        """See SqlDocumentQueries._select; `terms` become one FTS5 query of quoted phrases, all
+        required."""
+        words = None if terms is None else " AND ".join(_fts_phrase(t) for t in terms)
+        bound = -1 if limit is None else limit
+
+        def job(conn: sqlite3.Connection) -> list[Row]:
             statement, params = select_statement(
-                conn, ctx.namespace, collection, node, columns, spec, after, limit, words
+                conn, ctx.namespace, collection, node, columns, spec, after, bound, words
             )
             return conn.execute(statement, params).fetchall()
 
         return await self.db.read(job)
 
-    async def find(self, request: query_pb.FindRequest, ctx: CallContext) -> query_pb.FindResponse:
-        collection = validation.collection(request.collection)
-        node = docfilter.parse_filter(request.filter)
-        spec = _sort_spec(request.sort)
-        size = validation.page_size(request.page_size)
-        scope = docfilter.token_scope(collection, request.filter, spec.canonical())
-        position = validation.decode_page_token(request.page_token, "sqlite.find", scope)
-        after = None if position is None else docfilter.key_from_position(position, spec)
-        rows = await self._select(collection, node, ctx, spec=spec, after=after, limit=size + 1)
-        token = ""
-        if len(rows) > size:
-            rows = rows[:size]
-            last = spec.key(rows[-1][0], json.loads(rows[-1][1]))
-            token = validation.encode_page_token("sqlite.find", scope, last.position())
-        return query_pb.FindResponse(
-            documents=[to_document(r) for r in rows], next_page_token=token
-        )
+    def _sort_spec(self, sort: Iterable[query_pb.SortField]) -> docfilter.SortSpec:
+        spec = super()._sort_spec(sort)
+        for i, (path, _) in enumerate(spec.fields):
+            json_path(path, f"sort[{i}].field")  # a name SQLite cannot address is refused here
+        return spec
 
-    async def find_one(
-        self, request: query_pb.FindOneRequest, ctx: CallContext
-    ) -> query_pb.FindOneResponse:
-        collection = validation.collection(request.collection)
-        node = docfilter.parse_filter(request.filter)
-        spec = _sort_spec(request.sort)
-        rows = await self._select(collection, node, ctx, spec=spec, limit=1)
-        if not rows:
-            return query_pb.FindOneResponse(found=False)
-        return query_pb.FindOneResponse(found=True, document=to_document(rows[0]))
-
-    async def count(
-        self, request: query_pb.CountRequest, ctx: CallContext
-    ) -> query_pb.CountResponse:
-        collection = validation.collection(request.collection)
-        node = docfilter.parse_filter(request.filter)
-        rows = await self._select(collection, node, ctx, columns="count(*)")
-        return query_pb.CountResponse(count=int(rows[0][0]))
-
-    async def aggregate(
-        self, request: query_pb.AggregateRequest, ctx: CallContext
-    ) -> query_pb.AggregateResponse:
-        """Filtered in SQL, grouped by the shared docfilter.aggregate so the grouping and
-        accumulator rules are the same on every backend."""
-        collection = validation.collection(request.collection)
-        node = docfilter.parse_filter(request.filter)
-        paging = docpages.AggregatePaging.parse(request, collection, "sqlite.aggregate")
-        spec = paging.spec
+    async def _aggregate_groups(
+        self,
+        collection: str,
+        node: docfilter.Node,
+        spec: docfilter.AggregateSpec,
+        ctx: CallContext,
+    ) -> Groups:
         paths = [*([spec.group_by] if spec.group_by else []), *(p for _, p in spec.accumulators)]
         if any('"' in name for path in paths for name in path):
             # no SQLite JSON path can spell such a name: group whole bodies
             rows = await self._select(collection, node, ctx, columns="body")
-            groups = docfilter.aggregate((json.loads(r[0]) for r in rows), spec)
-        else:
-            # only the values grouping reads, as one JSON array per document (missing as null;
-            # every path twice, so even one path yields an array, not a bare SQL value)
-            literals = [path_literal(p) for p in paths]
-            column = f"json_extract(body, {', '.join(literals * 2)})" if paths else "'[]'"
-            rows = await self._select(collection, node, ctx, columns=column)
-            first = 1 if spec.group_by else 0
-            last = first + len(spec.accumulators)
-            values = (json.loads(r[0]) for r in rows)
-            groups = docfilter.aggregate_values(
-                ((v[0] if spec.group_by else None, v[first:last]) for v in values), spec
-            )
-        return paging.page(groups)
-
-    # -- search ------------------------------------------------------------------------------
-
-    async def search(
-        self, request: search_pb.SearchRequest, ctx: CallContext
-    ) -> search_pb.SearchResponse:
-        """FTS5 narrows the candidates to documents holding every term somewhere; the shared
-        textsearch rules then decide per field (matching, ranking, snippets), so results and
-        order are the contract's whichever backend serves them."""
-        collection = validation.collection(request.collection)
-        paging = docpages.SearchPaging.parse(request, collection, "sqlite.search")
-        match = " AND ".join('"' + t.replace('"', '""') + '"' for t in paging.terms)
-        rows = await self._select(collection, paging.node, ctx, words=match)
-        candidates = [(r[0], json.loads(r[1])) for r in rows]
-        return paging.page(candidates, lambda i: to_document(rows[i]))
+            return docfilter.aggregate((json.loads(r[0]) for r in rows), spec)
+        # only the values grouping reads, as one JSON array per document (missing as null;
+        # every path twice, so even one path yields an array, not a bare SQL value)
+        literals = [path_literal(p) for p in paths]
+        column = f"json_extract(body, {', '.join(literals * 2)})" if paths else "'[]'"
+        rows = await self._select(collection, node, ctx, columns=column)
+        first = 1 if spec.group_by else 0
+        last = first + len(spec.accumulators)
+        values = (json.loads(r[0]) for r in rows)
+        return docfilter.aggregate_values(
+            ((v[0] if spec.group_by else None, v[first:last]) for v in values), spec
+        )
 
     # -- indexing ----------------------------------------------------------------------------
 
@@ -460,27 +391,18 @@ class SqliteDocuments:
         await self.db.write(job)
         return index_pb.DropIndexResponse()
 
-    async def list_indexes(
-        self, request: index_pb.ListIndexesRequest, ctx: CallContext
-    ) -> index_pb.ListIndexesResponse:
-        collection = validation.collection(request.collection)
-        size = validation.page_size(request.page_size)
-        after = validation.scan_after(request.page_token, "sqlite.indexes", collection)
-
+    async def _index_definitions(
+        self, collection: str, after: str, limit: int, ctx: CallContext
+    ) -> list[bytes]:
         def job(conn: sqlite3.Connection) -> list[bytes]:
             rows = conn.execute(
                 "SELECT definition FROM doc_indexes WHERE ns = ? AND collection = ? "
                 "AND name > ? ORDER BY name LIMIT ?",
-                (ctx.namespace, collection, after or "", size + 1),
+                (ctx.namespace, collection, after, limit),
             )
             return [bytes(r[0]) for r in rows]
 
-        indexes = [index_pb.Index.FromString(d) for d in await self.db.read(job)]
-        token = ""
-        if len(indexes) > size:
-            indexes = indexes[:size]
-            token = validation.encode_page_token("sqlite.indexes", collection, indexes[-1].name)
-        return index_pb.ListIndexesResponse(indexes=indexes, next_page_token=token)
+        return await self.db.read(job)
 
 
 def _indexed_paths(conn: sqlite3.Connection, ns: str, collection: str) -> set[docfilter.Path]:
@@ -496,11 +418,9 @@ def _indexed_paths(conn: sqlite3.Connection, ns: str, collection: str) -> set[do
     return paths
 
 
-def _sort_spec(fields: Iterable[query_pb.SortField]) -> docfilter.SortSpec:
-    spec = docfilter.parse_sort([(f.field, f.descending) for f in fields])
-    for i, (path, _) in enumerate(spec.fields):
-        json_path(path, f"sort[{i}].field")  # a name SQLite cannot address is refused here
-    return spec
+def _fts_phrase(term: str) -> str:
+    """`term` as an FTS5 phrase, so its characters are never read as query syntax."""
+    return '"' + term.replace('"', '""') + '"'
 
 
 def _checked_index(requested: index_pb.Index) -> index_pb.Index:
