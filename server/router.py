@@ -5,7 +5,7 @@ there, once per call, what the caller may do in it (docs/authorization.md, "Name
 from __future__ import annotations
 
 from collections.abc import Iterable
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 
 import grpc
@@ -20,7 +20,7 @@ from plugins.runtime.grpc_adapter import (
 )
 from prismctl.config import NamespaceConfig
 from server.auth import Identity, current_identity, is_mutation
-from server.authz import ADMIN_RPCS, Level, NamespaceAccess, current_principal
+from server.authz import ADMIN_RPCS, Level, NamespaceAccess, Principal, current_principal
 from server.binding import BindError
 from server.patterns import Exposed
 
@@ -43,13 +43,20 @@ def namespace_not_found(namespace: str, interface: str) -> errors.NotFound:
     )
 
 
+@lru_cache(maxsize=4096)
+def effective_principal(identity: Identity, grant: Level) -> Principal:
+    """Remembered: building a Principal costs several times the rest of the check, and a
+    key's identity is one value until its record changes (a new Identity, a new entry)."""
+    return identity.principal(grant)
+
+
 def authorize(
     identity: Identity, access: NamespaceAccess, needed: Level, rpc: str, interface: str
 ) -> None:
     """Make the caller's effective principal in the namespace the call's, or refuse: NOT_FOUND
     when its organization is not granted, ROLE_REQUIRED below `needed`. A server admin passes."""
     grant = access.grant(identity.organization)
-    principal = identity.principal(grant)
+    principal = effective_principal(identity, grant)
     if not principal.sees_everything:
         if grant is Level.NONE:
             raise namespace_not_found(access.name, interface)
