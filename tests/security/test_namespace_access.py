@@ -28,6 +28,8 @@ from prism.interfaces.keyvalue.v1 import keyvalue_basic_pb2 as kv
 from prism.interfaces.keyvalue.v1 import keyvalue_basic_pb2_grpc as kv_grpc
 from prism.interfaces.keyvalue.v1 import keyvalue_scan_pb2 as scan
 from prism.interfaces.keyvalue.v1 import keyvalue_scan_pb2_grpc as scan_grpc
+from prism.interfaces.pubsub.v1 import pubsub_basic_pb2 as pubsub
+from prism.interfaces.pubsub.v1 import pubsub_basic_pb2_grpc as pubsub_grpc
 from prism.interfaces.queue.v1 import queue_basic_pb2 as queue
 from prism.interfaces.queue.v1 import queue_basic_pb2_grpc as queue_grpc
 
@@ -59,6 +61,7 @@ CONFIG = {
         memstore("shared", "keyvalue", "store", {"*": "read", "globex": "admin"}),
         # the only namespace serving the queue services, granted to globex alone
         memstore("jobs", "direct", "queue", {"globex": "write"}),
+        memstore("events", "direct", "pubsub", {"globex": "read"}),
     ]
 }
 
@@ -286,3 +289,34 @@ async def test_no_auth_server_ignores_access(tmp_path: Path) -> None:
     ):
         got = {name: await outcome(call(channel, ())) for name, call in DOCS.items()}
     assert got == dict.fromkeys(DOCS, "OK")
+
+
+async def test_server_streams_are_checked_like_unary_calls(secured: Secured) -> None:
+    async def subscribed(channel: grpc.aio.Channel, md: Metadata) -> None:
+        stream = pubsub_grpc.PubSubBasicServiceStub(channel).Subscribe(
+            pubsub.SubscribeRequest(topic="t"), metadata=md
+        )
+        try:
+            first = await stream.read()
+            assert first.HasField("started")
+        finally:
+            stream.cancel()
+
+    async with grpc.aio.insecure_channel(secured.server.address) as channel:
+        publish = pubsub_grpc.PubSubBasicServiceStub(channel).Publish
+        got = {
+            "globex subscribes": await outcome(
+                subscribed(channel, secured.md("globex-editor", None))
+            ),
+            "globex publishes": await outcome(
+                publish(
+                    pubsub.PublishRequest(topic="t"), metadata=secured.md("globex-editor", None)
+                )
+            ),
+            "acme subscribes": await outcome(subscribed(channel, secured.md("acme-editor", None))),
+        }
+    assert got == {
+        "globex subscribes": "OK",
+        "globex publishes": DENIED,
+        "acme subscribes": NOT_FOUND,
+    }
