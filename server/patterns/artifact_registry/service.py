@@ -85,8 +85,10 @@ def listing_scope(principal: Principal) -> dict[str, Any] | None:
 
 
 def discovery_scope(principal: Principal) -> dict[str, Any]:
-    """What tags, skills, trending and related artifacts are drawn from: public artifacts and,
-    for a member, its organization's private ones (never unlisted ones)."""
+    """What tags, skills, trending and related artifacts are drawn from: public artifacts and
+    the private ones the caller may list (never unlisted ones)."""
+    if principal.sees_everything:
+        return {"visibility": {"$ne": "unlisted"}}
     if not principal.organization:
         return {"visibility": "public"}
     own = {"$and": [{"organization": principal.organization}, {"visibility": "private"}]}
@@ -270,14 +272,18 @@ class ArtifactRegistry:
             reason="ARTIFACT_NOT_FOUND",
             name=f"{organization}/{slug}",
         )
-        if not version:
-            record = await self._lineage(organization, slug, ctx)
-            if record is None or not record.doc["latest_id"]:
-                raise missing
-            return await self._load(record.doc["latest_id"], ctx)
-        if Version.is_valid(version):
-            exact = model.version_id(organization, slug, str(parse_version(version)))
-            return await self._load(exact, ctx)
+        if not version or Version.is_valid(version):
+            if version:
+                wanted_id = model.version_id(organization, slug, str(parse_version(version)))
+            else:
+                record = await self._lineage(organization, slug, ctx)
+                if record is None or not record.doc["latest_id"]:
+                    raise missing
+                wanted_id = record.doc["latest_id"]
+            try:
+                return await self._load(wanted_id, ctx)
+            except NotFound:
+                raise missing from None  # hidden or gone: the same answer either way
         wanted = parse_range(version, "version")
         candidates = {
             parse_version(s.doc["version"]): s
@@ -1071,7 +1077,7 @@ class ArtifactRegistry:
     async def add_to_collection(
         self, request: pb.AddToCollectionRequest, ctx: CallContext
     ) -> pb.AddToCollectionResponse:
-        await self._load_collection(request.collection_id, ctx, Level.WRITE, "AddToCollection")
+        await self._load_collection(request.collection_id, ctx)
         artifact_id = (await self._load(_id(request.artifact_id, "artifact_id"), ctx)).id
 
         def add(ids: list[str]) -> list[str]:
