@@ -50,26 +50,32 @@ def effective_principal(identity: Identity, grant: Level) -> Principal:
     return identity.principal(grant)
 
 
+def admitted(identity: Identity, access: NamespaceAccess) -> Principal | None:
+    """The caller's effective principal in the namespace; None when the namespace grants its
+    organization nothing (a server admin is admitted everywhere)."""
+    grant = access.grant(identity.organization)
+    principal = effective_principal(identity, grant)
+    return principal if grant is not Level.NONE or principal.sees_everything else None
+
+
 def authorize(
     identity: Identity, access: NamespaceAccess, needed: Level, rpc: str, interface: str
 ) -> None:
     """Make the caller's effective principal in the namespace the call's, or refuse: NOT_FOUND
     when its organization is not granted, ROLE_REQUIRED below `needed`. A server admin passes."""
-    grant = access.grant(identity.organization)
-    principal = effective_principal(identity, grant)
-    if not principal.sees_everything:
-        if grant is Level.NONE:
-            raise namespace_not_found(access.name, interface)
-        if principal.level < needed:
-            raise errors.PermissionDenied(
-                f"{rpc} needs {needed.label} access in namespace '{access.name}'; "
-                f"this API key has {principal.level.label}",
-                reason="ROLE_REQUIRED",
-                required=needed.label,
-                level=principal.level.label,
-                namespace=access.name,
-                interface=interface,
-            )
+    principal = admitted(identity, access)
+    if principal is None:
+        raise namespace_not_found(access.name, interface)
+    if principal.level < needed:
+        raise errors.PermissionDenied(
+            f"{rpc} needs {needed.label} access in namespace '{access.name}'; "
+            f"this API key has {principal.level.label}",
+            reason="ROLE_REQUIRED",
+            required=needed.label,
+            level=principal.level.label,
+            namespace=access.name,
+            interface=interface,
+        )
     current_principal.set(principal)
 
 
@@ -78,7 +84,6 @@ class Router:
 
     def __init__(self, namespaces: Iterable[NamespaceConfig]) -> None:
         self.access = {ns.name: NamespaceAccess.of(ns.name, ns.access) for ns in namespaces}
-        self.namespaces = frozenset(self.access)
         self.routes: dict[str, dict[str, Target]] = {}
         #: (service, namespace) pairs whose object checks permissions itself (finer rules)
         self.self_authorizing: set[tuple[str, str]] = set()
@@ -114,13 +119,13 @@ class Router:
         }
         only = next(iter(routes.values())) if len(routes) == 1 else None
         interface = next(iter(by_namespace.values())).labels.get("interface", service)
-        candidates = ", ".join(sorted(by_namespace))
         rpc = f"{service}/{method.name}"
 
         def resolve(requested: str) -> Target:
             route = routes.get(requested) if requested else only
             if route is None:
                 if not requested:
+                    candidates = ", ".join(self.reachable(sorted(by_namespace)))
                     raise errors.InvalidArgument(
                         NAMESPACE_HEADER,
                         f"several namespaces serve {service} ({candidates}); "
@@ -147,6 +152,14 @@ class Router:
             return target
 
         return resolve
+
+    def reachable(self, namespaces: Iterable[str]) -> list[str]:
+        """Those of `namespaces` the caller's organization is granted (all with auth off): the
+        only ones an error may name to it."""
+        identity = current_identity.get()
+        if identity is None:
+            return list(namespaces)
+        return [ns for ns in namespaces if admitted(identity, self.access[ns]) is not None]
 
     def handlers(self) -> list[grpc.GenericRpcHandler[Any, Any]]:
         return [

@@ -267,6 +267,16 @@ async def test_an_organization_not_granted_sees_no_namespace(secured: Secured) -
         # "capped" serves KeyValue but grants no "*"; "jobs" does not serve KeyValue at all
         for key, namespace in (("no-org-editor", "capped"), ("acme-editor", "jobs")):
             assert as_missing(await kv_get(key, namespace), namespace) == missing
+        # left out where several namespaces serve KeyValue: the candidates named are those
+        # the caller may use ("capped" grants no "*")
+        candidates = {}
+        for key in ("no-org-editor", "server"):
+            _, _, info = await refusal(KV["Get"](channel, secured.md(key, None)))
+            candidates[key] = info["reason"], info["candidates"]
+        assert candidates == {
+            "no-org-editor": ("NAMESPACE_AMBIGUOUS", "kv, shared"),
+            "server": ("NAMESPACE_AMBIGUOUS", "capped, kv, shared"),
+        }
         # granted, the truth: jobs serves no KeyValue
         assert await outcome(KV["Get"](channel, secured.md("globex-editor", "jobs"))) == (
             "UNIMPLEMENTED INTERFACE_NOT_PROVIDED"
