@@ -31,7 +31,7 @@ from prism.interfaces.keyvalue.v1 import keyvalue_basic_pb2 as kv
 from prism.interfaces.keyvalue.v1 import keyvalue_basic_pb2_grpc as kv_grpc
 
 from server.app import AUTH_HEALTH, PrismServer
-from server.auth import SCRYPT, hash_secret
+from server.auth import MAX_FAILURE_ENTRIES, SCRYPT, hash_secret
 from tests.support.harness import error_details, namespaced, running_server
 from tests.support.wait import eventually
 
@@ -282,6 +282,28 @@ async def test_wrong_secrets_lock_out_the_key_id_but_not_a_verified_secret(tmp_p
             await eventually(accepted, timeout=10, message="the lockout did not end")
             await refused(channel, wrong(fresh, 999))  # an accepted secret reset the count...
             await set_call(channel, bearer(fresh))  # ...and is now verified
+
+
+async def test_the_failure_table_stays_bounded(tmp_path: Path) -> None:
+    """A full table of lockout counts forgets passed windows first, then the oldest entries,
+    and still counts the newest key id."""
+    async with running_server(MEMSTORE, tmp_path, auth=True) as server:
+        assert server.bootstrap_key is not None
+        keys = server.security.keys
+        key = (await create_key(server, server.bootstrap_key)).secret_key
+        now = time.monotonic()
+        stale = {f"{n:016x}": (1, now - 2 * keys.lockout_window) for n in range(10)}
+        live = {f"{n:016x}": (1, now) for n in range(10, MAX_FAILURE_ENTRIES + 15)}  # 5 too many
+        keys._failures = {**stale, **live}
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            wrong = f"prism_{key.split('_')[1]}_{'A' * 43}"
+            code, reason, _ = await failure(set_call(channel, bearer(wrong)))
+        assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "INVALID_KEY")
+        table = keys._failures
+        assert len(table) == MAX_FAILURE_ENTRIES
+        assert table[key.split("_")[1]][0] == 1
+        assert not set(stale) & set(table)  # passed windows went first...
+        assert f"{15:016x}" not in table and f"{16:016x}" in table  # ...then the 6 oldest
 
 
 def database_bytes(data_dir: Path) -> bytes:
