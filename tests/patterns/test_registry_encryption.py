@@ -16,8 +16,8 @@ import logging
 import sqlite3
 import stat
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 ORG = "acme"
 KEY_1 = base64.b64decode(crypto.new_key())
 KEY_2 = base64.b64decode(crypto.new_key())
+#: an edit of one L2 cache entry ({"d": stored form, "r": revision}); None removes it
+CacheEdit = Callable[[dict[str, Any]], dict[str, Any] | None]
 
 
 def marker() -> str:
@@ -96,11 +98,18 @@ class SqliteStorage:
             ).fetchone()
         return dict(json.loads(text))
 
-    def delete_cached(self, key: str) -> int:
+    def edit_cached(self, key: str, change: CacheEdit) -> None:
         with self._db() as db:
-            return db.execute(
-                "DELETE FROM kv WHERE ns = ? AND key = ?", (self.namespace, key)
-            ).rowcount
+            where = (self.namespace, key)
+            (value,) = db.execute("SELECT value FROM kv WHERE ns = ? AND key = ?", where).fetchone()
+            entry = change(json.loads(value))
+            if entry is None:
+                db.execute("DELETE FROM kv WHERE ns = ? AND key = ?", where)
+            else:
+                db.execute(
+                    "UPDATE kv SET value = ? WHERE ns = ? AND key = ?",
+                    (json.dumps(entry).encode(), *where),
+                )
 
     def overwrite(self, doc_id: str, body: dict[str, Any]) -> None:
         with self._db() as db:
@@ -184,18 +193,21 @@ class Setup:
     keyring: Keyring | None  # None: the server's own keyring in its data directory
     redis_url: str = ""
     primary: str = "k1"
-    created: list[str] = field(default_factory=list)
 
-    def drop_cached(self, doc_id: str) -> None:
-        """Remove a version's L2 cache entry behind the server's back."""
+    def edit_cached(self, doc_id: str, change: CacheEdit) -> None:
+        """Change (None: remove) a version's L2 cache entry behind the server's back."""
         key = f"artifact:{doc_id}"
-        if self.redis_url:
-            with redis.Redis.from_url(self.redis_url) as client:
-                found = list(client.scan_iter(match=f"*{key}"))
-                assert found and client.delete(*found) == len(found)
-        else:
+        if not self.redis_url:
             assert isinstance(self.storage, SqliteStorage)
-            assert self.storage.delete_cached(key) == 1
+            self.storage.edit_cached(key, change)
+            return
+        with redis.Redis.from_url(self.redis_url) as client:
+            (found,) = client.scan_iter(match=f"*:k:{key}")  # a hash: `v` value, `r` revision
+            entry = change(json.loads(client.hget(found, "v") or b"null"))
+            if entry is None:
+                client.delete(found)
+            else:
+                client.hset(found, "v", json.dumps(entry))
 
     def rotate(self) -> None:
         """A new primary key k2, k1 kept: what an operator does before a restart."""
@@ -341,10 +353,14 @@ async def test_private_sources_are_never_stored_in_clear(setup: Setup) -> None:
             assert secret not in "\n".join(redis_texts(setup.redis_url))
 
     # a modified envelope, or one copied from another version, is DATA_LOSS for that version
-    # only; tampered while the server is down, its caches gone (L1) or dropped (L2)
+    # only; tampered while the server is down, its caches gone (L1) or dropped (L2). A
+    # tampered L2 entry is dropped and the store answers.
     body = setup.storage.body(victim.id)
     setup.storage.overwrite(victim.id, {**body, SEALED: flip_last_byte(body[SEALED])})
-    setup.drop_cached(victim.id)
+    setup.edit_cached(victim.id, lambda entry: None)
+    setup.edit_cached(
+        private.id, lambda e: {**e, "d": {**e["d"], SEALED: flip_last_byte(e["d"][SEALED])}}
+    )
     async with setup.serve() as stub:
         for forged in (None, setup.storage.body(private.id)[SEALED]):
             if forged is not None:  # a failed read cached nothing: no restart needed
