@@ -58,7 +58,8 @@ def sha256(text: str) -> str:
 
 
 def envelope_key(body: dict[str, Any]) -> str:
-    return parse_header(base64.b64decode(body[SEALED])).key_id
+    """The key id a stored version is sealed under ("" when it is not sealed)."""
+    return parse_header(base64.b64decode(body[SEALED])).key_id if SEALED in body else ""
 
 
 class SqliteStorage:
@@ -385,12 +386,25 @@ async def test_rotation_reseals_in_the_background(
     setup: Setup, caplog: pytest.LogCaptureFixture
 ) -> None:
     sources = {f"Draft {i}": f"persona D{i} {{ {marker()} }}" for i in range(24)}
+    sources["Legacy"] = f"persona L {{ {marker()} }}"
     with caplog.at_level(logging.WARNING, logger="prism.server"):
         async with setup.serve() as stub:
             ids = {
                 name: (await create(stub, name, src, pb.VISIBILITY_PRIVATE, publish=False)).id
                 for name, src in sources.items()
             }
+    # a private version as stored before encryption existed: source in clear, no envelope
+    legacy = setup.storage.body(ids["Legacy"])
+    setup.storage.overwrite(
+        ids["Legacy"],
+        {k: v for k, v in legacy.items() if k != SEALED}
+        | {"source": sources["Legacy"], "source_sha256": sha256(sources["Legacy"])},
+    )
+
+    def keys() -> set[str]:
+        return {envelope_key(setup.storage.body(i)) for i in ids.values()}
+
+    assert keys() == {"k1", ""}
     if setup.keyring is None:  # the server made its own keyring, owner-only, and said so
         mode = stat.S_IMODE((setup.data_dir / "keyring.yaml").stat().st_mode)
         assert mode == 0o600
@@ -398,9 +412,12 @@ async def test_rotation_reseals_in_the_background(
             r.getMessage() for r in caplog.records if "no keyring configured" in r.getMessage()
         ]
         assert len(warnings) == 1 and "lives beside the data" in warnings[0]
-    async with setup.serve() as stub:  # restarted with the same keyring: still readable
+    async with setup.serve() as stub:  # restarted with the same keyring: still readable ...
         await assert_reads(stub, ids["Draft 0"], sources["Draft 0"])
-    assert {envelope_key(setup.storage.body(i)) for i in ids.values()} == {"k1"}
+        await assert_reads(stub, ids["Legacy"], sources["Legacy"])
+        # ... and the version from before encryption gets sealed in the background
+        await eventually(lambda: keys() == {"k1"}, timeout=15, message="legacy version sealed")
+        assert sources["Legacy"] not in "\n".join(setup.storage.texts())
 
     setup.rotate()
     async with setup.serve() as stub:
@@ -413,10 +430,6 @@ async def test_rotation_reseals_in_the_background(
             ))
             for i in edited
         ))  # fmt: skip
-
-        def keys() -> set[str]:
-            return {envelope_key(setup.storage.body(i)) for i in ids.values()}
-
         await eventually(lambda: keys() == {"k2"}, timeout=15, message="envelopes moved to k2")
         for name, doc_id in ids.items():
             got = await read(stub, doc_id)
