@@ -512,7 +512,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
     p = command("star", cmd_star, "star (or --unstar) a version for a user")
     p.add_argument("id")
-    p.add_argument("--user", required=True)
+    p.add_argument(
+        "--user",
+        default="",
+        help="who stars (default: the API key's owner; required with an unauthenticated server)",
+    )
     p.add_argument("--unstar", action="store_true")
 
     p = command("resolve", cmd_resolve, "lock the dependency graph of a version")

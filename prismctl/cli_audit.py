@@ -1,7 +1,7 @@
 """`prismctl audit`: the server's audit log (every mutating and every denied call), newest
 first, against a running server (same --address/--namespace/--api-key as `prismctl artifacts`;
-needs an admin key). Exit 1 when the server rejects the query, 2 for bad flags, 3 when it cannot
-be reached."""
+needs a server admin key: admin role, no organization). Exit 1 when the server rejects the
+query, 2 for bad flags, 3 when it cannot be reached."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
-    p = sub.add_parser("audit", help="the audit log of a running server (admin key)")
+    p = sub.add_parser("audit", help="the audit log of a running server (server admin key)")
     add_connection_arguments(p)
     p.add_argument("--identity", help="exact identity, e.g. key:0123456789abcdef or anonymous")
     p.add_argument("--method", help="/pkg.Service/Method, or Service/Method without the package")

@@ -95,8 +95,11 @@ def test_publish_search_and_browse(server: str) -> None:
     resolved = prismctl(server, "resolve", "--org", "acme", "--slug", "team")
     assert "acme/code-reviewer" in resolved.stdout and "1.0.0" in resolved.stdout
 
-    starred = prismctl(server, "star", str(made["id"]), "--user", "ann")
+    starred = prismctl(server, "star", str(made["id"]))  # as the key's owner
     assert "1 stars" in starred.stdout
+    spoofed = prismctl(server, "star", str(made["id"]), "--user", "ann", ok=False)
+    assert spoofed.returncode != 0 and "PERMISSION_DENIED" in spoofed.stderr
+    assert len(spoofed.stderr.strip().splitlines()) == 1
 
     deprecated = prismctl(server, "deprecate", str(made["id"]), "--reason", "old")
     assert "deprecated" in deprecated.stdout
