@@ -96,8 +96,8 @@ class SlotConfig:
     tls: ClientTLS | None = None
 
 
-#: an organization name in a namespace's `access:` map: the artifact registry's rule (1-64 of
-#: a-z0-9, '-' only inside); "*" stands for every other organization
+#: an organization name, everywhere one appears (API keys, artifacts, `access:` maps): 1-64 of
+#: a-z0-9, '-' only inside; "*" in an `access:` map stands for every other organization
 ORGANIZATION = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?")
 EVERY_ORGANIZATION = "*"
 

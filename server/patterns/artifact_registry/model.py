@@ -19,12 +19,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from prism.patterns.artifact_registry.v1 import artifact_registry_pb2 as pb
 
 from plugins.runtime.errors import InvalidArgument
+from prismctl.config import ORGANIZATION
 from server.patterns.artifact_registry.versions import parse_range, parse_version
 
 ARTIFACTS = "artifacts"
 
 _SLUG = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
-_ORG = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 MAX_SOURCE_BYTES = 1024 * 1024
 MAX_NAME = 200
@@ -77,7 +77,7 @@ def slugify(name: str) -> str:
 
 
 def check_organization(value: str, field: str) -> str:
-    if not _ORG.match(value):
+    if not ORGANIZATION.fullmatch(value):
         raise InvalidArgument(field, "must be 1-64 characters of a-z, 0-9 and inner '-'")
     return value
 
