@@ -83,7 +83,7 @@ def check_organization(value: str, field: str) -> str:
 
 
 def check_slug(value: str, field: str) -> str:
-    if not value or len(value) > 100 or not _SLUG.match(value):
+    if not value or len(value) > 100 or not _SLUG.fullmatch(value):
         raise InvalidArgument(field, "must be lowercase words of a-z0-9 joined by '-'")
     return value
 
@@ -110,7 +110,7 @@ def _string_list(values: Any, field: str) -> list[str]:
 
 
 def metadata_to_doc(meta: pb.ArtifactMetadata, field: str = "artifact.metadata") -> dict[str, Any]:
-    if meta.author_email and not _EMAIL.match(meta.author_email):
+    if meta.author_email and not _EMAIL.fullmatch(meta.author_email):
         raise InvalidArgument(f"{field}.author_email", "is not an email address")
     return {
         "description": meta.description,
