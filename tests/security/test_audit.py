@@ -266,8 +266,9 @@ def test_prismctl_audit(secured: tuple[Started, str]) -> None:
     assert usage.returncode == 2 and "--limit 0" in usage.stderr
 
 
-def eventually_sync(predicate: Any, timeout: float = 10.0) -> bool:
-    """The audit writer is asynchronous: poll (never sleep blindly) until it shows up."""
+def eventually_sync(predicate: Any, timeout: float = 30.0) -> bool:
+    """The audit writer is asynchronous: poll (never sleep blindly) until it shows up; each
+    probe is a prismctl subprocess, slow on a loaded machine, hence the generous bound."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
