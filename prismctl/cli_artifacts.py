@@ -236,11 +236,13 @@ def cmd_search(args: argparse.Namespace, client: Client) -> int:
     )
 
     def table() -> str:
+        # ranks, not raw scores: an exact name match outranks by a tier worth ~1e12 points,
+        # which says nothing to a reader (--format json keeps the scores)
         lines = []
-        for hit in response.hits:
+        for rank, hit in enumerate(response.hits, start=1):
             a = hit.artifact
-            lines.append(f"{hit.score:10.2f}  {a.organization}/{a.slug}@{a.version}  {a.name}")
-            lines += [f"{'':12}{h.field}: {h.snippet}" for h in hit.highlights]
+            lines.append(f"{rank:>3}.  {a.organization}/{a.slug}@{a.version}  {a.name}")
+            lines += [f"{'':6}{h.field}: {h.snippet}" for h in hit.highlights]
         return "\n".join(lines) or "no matches"
 
     return _emit(args, response, table)

@@ -85,6 +85,9 @@ def test_publish_search_and_browse(server: str) -> None:
     hits = prismctl(server, "search", "code reviewer", "--format", "json")
     top = json.loads(hits.stdout)["hits"][0]
     assert top["artifact"]["name"] == "Code Reviewer"
+    ranked = prismctl(server, "search", "code reviewer").stdout.splitlines()
+    assert ranked[0].split() == ["1.", "acme/code-reviewer@1.0.0", "Code", "Reviewer"]
+    assert "name: <mark>Code</mark> <mark>Reviewer</mark>" in ranked[1]
 
     shown = prismctl(server, "get", "--org", "acme", "--slug", "code-reviewer", "--version", "^1")
     assert "acme/code-reviewer@1.0.0" in shown.stdout
