@@ -53,7 +53,7 @@ from prism.interfaces.keyvalue.v1 import keyvalue_scan_pb2 as scan_pb
 
 from plugins.runtime import errors
 from plugins.runtime.context import CallContext
-from plugins.runtime.grpc_adapter import NAMESPACE_HEADER, abort, current_request_id
+from plugins.runtime.grpc_adapter import abort, call_headers, current_request_id
 from server.audit import AuditLog, AuditRecord
 from server.authz import Level, Principal, current_principal, principal_for
 from server.patterns.artifact_registry.model import check_organization
@@ -65,7 +65,6 @@ Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 #: the namespace key records live in, inside the security store slot
 NAMESPACE = "prism-security"
-AUTH_HEADER = "authorization"
 KEY_PATTERN = re.compile(r"prism_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 #: probes and tooling stay open (and are not audited)
 OPEN_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
@@ -74,14 +73,8 @@ READ_ONLY_PREFIXES = (
     "Get", "List", "Find", "Count", "Search", "Scan", "Exists", "Peek", "Read", "Describe",
     "Aggregate", "Subscribe", "Watch", "Query", "Resolve", "Export", "Replay", "BatchGet",
 )  # fmt: skip
-#: denied calls are audited even when the RPC only reads
-DENIED = frozenset(
-    {
-        grpc.StatusCode.UNAUTHENTICATED,
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-    }
-)
+#: denied calls (by status code name) are audited even when the RPC only reads
+DENIED = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED"})
 #: request fields naming the resource a call acts on, first present wins
 RESOURCE_FIELDS = ("key", "id", "name", "slug", "collection", "queue", "topic", "stream")
 SCRYPT = {"n": 2**14, "r": 8, "p": 1}
@@ -435,13 +428,6 @@ class KeyStore:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-def _header(context: Context) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == AUTH_HEADER and isinstance(value, str):
-            return value
-    return None
-
-
 def is_mutation(method: str) -> bool:
     return not method.rpartition("/")[2].startswith(READ_ONLY_PREFIXES)
 
@@ -507,7 +493,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     async def authenticate(self, context: Context) -> None:
         if self.keys is None:
             return
-        header = _header(context)
+        header = call_headers(context).authorization
         try:
             if header is None:
                 raise _unauthenticated(
@@ -530,22 +516,24 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def origin(context: Context) -> tuple[str, str]:
         """(peer, namespace) of the call, read while it is alive: a server stream may end after
         the call is gone, and asking a finished call for its peer crashes grpc."""
-        namespace = next(
-            (v for k, v in context.invocation_metadata() or () if k == NAMESPACE_HEADER), ""
-        )
-        return context.peer() or "", str(namespace)
+        return context.peer() or "", call_headers(context).namespace
 
     def record(
         self,
         method: str,
+        mutation: bool,
         request: object,
         context: Context,
-        origin: tuple[str, str],
+        origin: tuple[str, str] | None,
         failed: BaseException | None,
     ) -> None:
+        """Audit the call if it mutates or was denied; `origin` None: the call is alive, read
+        it now (a unary call's is only read when the call is audited)."""
         outcome, reason = _outcome(context, failed)
-        if not is_mutation(method) and grpc.StatusCode[outcome] not in DENIED:
+        if not mutation and outcome not in DENIED:
             return
+        if origin is None:
+            origin = self.origin(context)
         identity = current_identity.get()
         self.audit.record(
             AuditRecord(
@@ -562,20 +550,20 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     def _wrap(self, method: str, handler: Handler) -> Handler:
         authenticate, record, origin_of = self.authenticate, self.record, self.origin
+        mutation = is_mutation(method)
         if handler.unary_unary is not None:
             inner: Any = handler.unary_unary
 
             async def unary(request: Any, context: Context) -> Any:
                 failed: BaseException | None = None
-                origin = origin_of(context)
                 try:
                     await authenticate(context)
                     return await inner(request, context)
                 except BaseException as exc:
                     failed = exc
                     raise
-                finally:
-                    record(method, request, context, origin, failed)
+                finally:  # still inside the call: its origin can be read here
+                    record(method, mutation, request, context, None, failed)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -597,7 +585,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     failed = exc
                     raise
                 finally:
-                    record(method, request, context, origin, failed)
+                    record(method, mutation, request, context, origin, failed)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,

@@ -22,9 +22,11 @@ class CallContext:
     metadata: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def with_timeout(cls, namespace: str, timeout: float | None, **kw: object) -> CallContext:
+    def with_timeout(
+        cls, namespace: str, timeout: float | None, request_id: str = ""
+    ) -> CallContext:
         deadline = None if timeout is None else time.monotonic() + timeout
-        return cls(namespace=namespace, deadline=deadline, **kw)  # type: ignore[arg-type]
+        return cls(namespace, request_id, deadline)
 
     def time_remaining(self) -> float | None:
         """Seconds left before the deadline (never negative), or None when there is none."""

@@ -9,7 +9,7 @@ sidecar. No code here knows any particular interface.
 from __future__ import annotations
 
 import asyncio
-import uuid
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -27,10 +27,53 @@ from plugins.runtime.status import error_from_status, status_for
 
 NAMESPACE_HEADER = "x-prism-namespace"
 REQUEST_ID_HEADER = "x-request-id"
+AUTH_HEADER = "authorization"
 
 #: Request id of the call being handled; set by the request-id interceptor so the id it echoes
 #: is the one errors and logs carry.
 current_request_id: ContextVar[str] = ContextVar("prism_request_id", default="")
+
+
+@dataclass(frozen=True, slots=True)
+class CallHeaders:
+    """The metadata Prism itself reads from a call ("" / None when absent)."""
+
+    namespace: str
+    request_id: str
+    authorization: str | None
+
+
+#: (the call's servicer context, its parsed headers): parsed once per call and shared by the
+#: interceptors and the adapter, since every invocation_metadata() rebuilds the whole tuple
+_headers: ContextVar[tuple[object, CallHeaders] | None] = ContextVar("prism_headers", default=None)
+
+
+def call_headers(context: grpc.aio.ServicerContext[Any, Any]) -> CallHeaders:
+    """The call's headers, parsed on first use. Keyed by the context object, so a task that
+    inherited another call's context variables never reads that call's headers. A repeated
+    namespace or request id: the last one counts; a repeated authorization: the first."""
+    parsed = _headers.get()
+    if parsed is not None and parsed[0] is context:
+        return parsed[1]
+    namespace = request_id = ""
+    authorization: str | None = None
+    for key, value in context.invocation_metadata() or ():
+        if not isinstance(value, str):
+            continue
+        if key == NAMESPACE_HEADER:
+            namespace = value
+        elif key == REQUEST_ID_HEADER:
+            request_id = value
+        elif key == AUTH_HEADER and authorization is None:
+            authorization = value
+    headers = CallHeaders(namespace, request_id, authorization)
+    _headers.set((context, headers))
+    return headers
+
+
+def new_request_id() -> str:
+    """32 random hex characters (what uuid4().hex looked like, at a fifth of its cost)."""
+    return os.urandom(16).hex()
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,19 +99,6 @@ def message_classes(
     return GetMessageClass(method.input_type), GetMessageClass(method.output_type)
 
 
-def request_headers(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, str]:
-    """(namespace, request id) from the call's metadata; the id is the interceptor's if set,
-    else the client's, else a fresh one."""
-    namespace = ""
-    request_id = current_request_id.get()
-    for key, value in context.invocation_metadata() or ():
-        if key == NAMESPACE_HEADER and isinstance(value, str):
-            namespace = value
-        elif key == REQUEST_ID_HEADER and not request_id and isinstance(value, str):
-            request_id = value
-    return namespace, request_id or uuid.uuid4().hex
-
-
 async def abort(
     context: grpc.aio.ServicerContext[Any, Any],
     exc: BaseException,
@@ -83,11 +113,12 @@ async def abort(
 def _prepare(
     context: grpc.aio.ServicerContext[Any, Any], resolve: Resolver
 ) -> tuple[CallContext, Target]:
-    namespace, request_id = request_headers(context)
-    target = resolve(namespace)
-    ctx = CallContext.with_timeout(
-        target.namespace, context.time_remaining(), request_id=request_id
-    )
+    """The call's CallContext and target; the request id is the interceptor's if set, else the
+    client's, else a fresh one."""
+    headers = call_headers(context)
+    target = resolve(headers.namespace)
+    request_id = current_request_id.get() or headers.request_id or new_request_id()
+    ctx = CallContext.with_timeout(target.namespace, context.time_remaining(), request_id)
     return ctx, target
 
 
@@ -101,8 +132,11 @@ def _unary_handler(
         try:
             ctx, target = _prepare(context, resolve)
             request_id, labels = ctx.request_id, target.labels
+            call = getattr(target.impl, name)(request, ctx)
+            if ctx.deadline is None:  # no timer to arm: skip the timeout scope
+                return await call
             async with asyncio.timeout(ctx.time_remaining()):
-                return await getattr(target.impl, name)(request, ctx)
+                return await call
         except Exception as exc:
             await abort(context, exc, request_id or current_request_id.get(), labels)
 

@@ -13,16 +13,22 @@ import contextlib
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias
 
 import grpc
 import grpc.aio
 
-from plugins.runtime.grpc_adapter import NAMESPACE_HEADER, REQUEST_ID_HEADER, current_request_id
+from plugins.runtime.grpc_adapter import (
+    REQUEST_ID_HEADER,
+    call_headers,
+    current_request_id,
+    new_request_id,
+)
 
 access_log = logging.getLogger("prism.access")
+#: one encoder for every line: json.dumps with separators builds a new encoder per call
+_encode_line = json.JSONEncoder(separators=(",", ":")).encode
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
@@ -101,16 +107,11 @@ def _wrap(method: str, handler: Handler) -> Handler:
 async def _begin(context: Context) -> tuple[float, str]:
     """Every RPC runs in its own asyncio task, hence its own copy of the context: the request
     id set here is seen by that call alone and needs no reset."""
-    request_id = namespace = ""
-    for key, value in context.invocation_metadata() or ():
-        if key == REQUEST_ID_HEADER and isinstance(value, str):
-            request_id = value
-        elif key == NAMESPACE_HEADER and isinstance(value, str):
-            namespace = value
-    request_id = request_id or uuid.uuid4().hex
+    headers = call_headers(context)
+    request_id = headers.request_id or new_request_id()
     current_request_id.set(request_id)
     await context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
-    return time.perf_counter(), namespace
+    return time.perf_counter(), headers.namespace
 
 
 def _finish(
@@ -127,14 +128,13 @@ def _finish(
         else:
             code = grpc.StatusCode.INTERNAL
     access_log.info(
-        json.dumps(
+        _encode_line(
             {
                 "method": method,
                 "namespace": namespace,
                 "code": code.name if isinstance(code, grpc.StatusCode) else str(code),
                 "duration_ms": round((time.perf_counter() - started) * 1000, 3),
                 "request_id": current_request_id.get(),
-            },
-            separators=(",", ":"),
+            }
         )
     )
