@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -259,6 +259,23 @@ class PostgresDocuments(sqldocuments.SqlDocumentQueries):
                 return await cur.fetchall()
         except errors.UntranslatableCharacter as exc:
             raise InvalidArgument("filter", "U+0000 cannot be compared by postgres") from exc
+
+    async def _search_rows(
+        self,
+        collection: str,
+        node: docfilter.Node,
+        ctx: CallContext,
+        paths: Sequence[docfilter.Path],
+        terms: list[str],
+    ) -> list[tuple[Row, list[Any]]]:
+        """See SqlDocumentQueries._search_rows: the searched values as one JSONB array."""
+
+        def columns(builder: Sql) -> str:
+            values = ", ".join(builder.value(p) for p in paths)
+            return f"{DOC_COLUMNS}, jsonb_build_array({values})::text"
+
+        rows = await self._select(collection, node, ctx, columns=columns, terms=terms)
+        return [(r, json.loads(r[-1])) for r in rows]
 
     async def _aggregate_groups(
         self,

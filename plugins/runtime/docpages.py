@@ -120,7 +120,9 @@ class SearchPaging:
     ) -> search_pb.SearchResponse:
         """Rank (id, body) `candidates` by the shared rules and answer one page of hits;
         `document(i)` is the i-th candidate as returned."""
-        ranked = textsearch.rank(candidates, self.fields, self.terms, self.query, self.after)
+        ranked = textsearch.rank(
+            candidates, self.fields, self.terms, self.query, self.after, self.size + 1
+        )
         token = ""
         if len(ranked) > self.size:
             ranked = ranked[: self.size]

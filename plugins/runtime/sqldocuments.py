@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 from prism.interfaces.document.v1 import document_basic_pb2 as basic_pb
@@ -20,7 +20,7 @@ from prism.interfaces.document.v1 import document_indexing_pb2 as index_pb
 from prism.interfaces.document.v1 import document_query_pb2 as query_pb
 from prism.interfaces.document.v1 import document_search_pb2 as search_pb
 
-from plugins.runtime import docfilter, docpages, validation
+from plugins.runtime import docfilter, docpages, textsearch, validation
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import Aborted, AlreadyExists, NotFound
 
@@ -79,6 +79,19 @@ class SqlDocumentQueries(ABC):
         """Rows of the collection matching `node` (and holding every one of the search
         `terms`), in `spec` order after `after`, at most `limit`; `columns` defaults to the
         ones `_document` reads (id and JSON body first)."""
+
+    @abstractmethod
+    async def _search_rows(
+        self,
+        collection: str,
+        node: docfilter.Node,
+        ctx: CallContext,
+        paths: Sequence[docfilter.Path],
+        terms: list[str],
+    ) -> list[tuple[Row, list[Any]]]:
+        """(row of the default `_select` columns, the JSON values at `paths` with None where
+        missing) of the documents matching `node` and holding every term; the values are
+        extracted in SQL where the backend can address the paths, so search parses only them."""
 
     @staticmethod
     @abstractmethod
@@ -159,13 +172,17 @@ class SqlDocumentQueries(ABC):
     ) -> search_pb.SearchResponse:
         """The backend's word index narrows the candidates to documents holding every term
         somewhere; the shared textsearch rules then decide per field (matching, ranking,
-        snippets), so results and order are the contract's whichever backend serves them."""
+        snippets), so results and order are the contract's whichever backend serves them.
+        Only the searched values of a candidate are parsed (textsearch.projection): the rest
+        of its body (sources, sealed envelopes, statistics) is never decoded, and Documents are
+        built for the page's hits alone."""
         collection = validation.collection(request.collection)
         kind = f"{self.token_prefix}.search"
         paging = docpages.SearchPaging.parse(request, collection, kind)
-        rows = await self._select(collection, paging.node, ctx, terms=paging.terms)
-        candidates = [(r[0], json.loads(r[1])) for r in rows]
-        return paging.page(candidates, lambda i: self._document(rows[i]))
+        paths = [f.path for f in paging.fields]
+        rows = await self._search_rows(collection, paging.node, ctx, paths, paging.terms)
+        candidates = [(row[0], textsearch.projection(paths, values)) for row, values in rows]
+        return paging.page(candidates, lambda i: self._document(rows[i][0]))
 
     async def list_indexes(
         self, request: index_pb.ListIndexesRequest, ctx: CallContext

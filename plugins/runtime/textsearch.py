@@ -8,13 +8,14 @@ the proto's two ranking guarantees; `score` is the reference ranking used in mem
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from plugins.runtime.docfilter import Path, parse_path, resolve
+from plugins.runtime.docfilter import MISSING, Path, parse_path, resolve
 from plugins.runtime.errors import InvalidArgument
 
 MAX_QUERY_BYTES = 1024
@@ -46,7 +47,7 @@ def words(text: str) -> list[re.Match[str]]:
 
 def normalized(text: str) -> list[str]:
     """The lower-cased words of `text`, in order."""
-    return [w.lower() for w in _WORD.findall(text)]
+    return list(map(str.lower, _WORD.findall(text)))
 
 
 def query_terms(query: str, field: str = "query") -> list[str]:
@@ -123,8 +124,45 @@ class FieldWords:
         return any(t == query_words for t in self.texts)
 
 
-def document_words(body: Any, fields: Sequence[SearchField]) -> list[FieldWords]:
-    return [FieldWords(f, [normalized(t) for t in field_texts(body, f.path)]) for f in fields]
+def document_words(
+    body: Any, fields: Sequence[SearchField], split: Callable[[str], list[str]] = normalized
+) -> list[FieldWords]:
+    """The words of each searched field; `split` is `normalized` or a memo of it."""
+    return [FieldWords(f, [split(t) for t in field_texts(body, f.path)]) for f in fields]
+
+
+def memo_split() -> Callable[[str], list[str]]:
+    """`normalized` remembering the strings it split, for one ranking: tags, types and
+    descriptions repeat across candidates and splitting is most of a ranking's work. Scoped to
+    one call, so nothing outlives the data it was computed from (the lists are never mutated)."""
+    seen: dict[str, list[str]] = {}
+
+    def split(text: str) -> list[str]:
+        found = seen.get(text)
+        if found is None:
+            found = seen[text] = normalized(text)
+        return found
+
+    return split
+
+
+def projection(paths: Sequence[Path], values: Sequence[Any]) -> dict[str, Any]:
+    """A body holding only `values` at `paths` (None or MISSING: absent), which every searched
+    field resolves in exactly as in the whole body: a backend can then fetch and parse just the
+    searched values instead of whole documents. A path below another one finds its value again
+    inside the outer value (both came from the same body), so the order of `paths` is free."""
+    body: dict[str, Any] = {}
+    for path, value in zip(paths, values, strict=True):
+        if value is None or value is MISSING:
+            continue
+        node = body
+        for name in path[:-1]:
+            inner = node.get(name)
+            if not isinstance(inner, dict):
+                inner = node[name] = {}
+            node = inner
+        node[path[-1]] = value
+    return body
 
 
 def score(
@@ -230,12 +268,15 @@ def rank(
     fields: Sequence[SearchField],
     terms: Sequence[str],
     query: str,
-    after: tuple[float, str] | None = None,
+    after: tuple[float, str] | None,
+    limit: int,
 ) -> list[tuple[float, int]]:
     """(score, index into `candidates`) of the candidates (id, body) that match, best first
-    (score descending, id ascending), keeping only those after the keyset position `after`.
+    (score descending, id ascending), keeping only those after the keyset position `after`,
+    at most `limit` (the first ones of the full order: a partial sort, not a full one).
     Candidates may be a superset of the matches (e.g. "has every term somewhere")."""
-    per_doc = [document_words(body, fields) for _, body in candidates]
+    split = memo_split()
+    per_doc = [document_words(body, fields, split) for _, body in candidates]
     averages = [
         sum(doc[k].length for doc in per_doc) / len(per_doc) if per_doc else 0.0
         for k in range(len(fields))
@@ -248,8 +289,7 @@ def rank(
             continue
         if after is None or (-value, candidates[i][0]) > (-after[0], after[1]):
             scored.append((value, i))
-    scored.sort(key=lambda hit: (-hit[0], candidates[hit[1]][0]))
-    return scored
+    return heapq.nsmallest(limit, scored, key=lambda hit: (-hit[0], candidates[hit[1]][0]))
 
 
 def highlights(

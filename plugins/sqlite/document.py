@@ -19,7 +19,7 @@ import re
 import secrets
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from prism.interfaces.document.v1 import document_basic_pb2 as basic_pb
@@ -289,6 +289,28 @@ class SqliteDocuments(sqldocuments.SqlDocumentQueries):
             return conn.execute(statement, params).fetchall()
 
         return await self.db.read(job)
+
+    async def _search_rows(
+        self,
+        collection: str,
+        node: docfilter.Node,
+        ctx: CallContext,
+        paths: Sequence[docfilter.Path],
+        terms: list[str],
+    ) -> list[tuple[Row, list[Any]]]:
+        """See SqlDocumentQueries._search_rows: one json_extract of every path (the first one
+        twice, so even one path yields a JSON array, not a bare SQL value). A member name no
+        SQLite JSON path can spell makes it resolve the paths in whole bodies instead."""
+        if any('"' in name for path in paths for name in path):
+            rows = await self._select(collection, node, ctx, terms=terms)
+            bodies = ((r, json.loads(r[1])) for r in rows)
+            return [(r, [docfilter.resolve(b, p) for p in paths]) for r, b in bodies]
+        literals = [path_literal(p) for p in paths]
+        column = f"json_extract(body, {', '.join([*literals, literals[0]])})"
+        rows = await self._select(
+            collection, node, ctx, columns=f"{DOC_COLUMNS}, {column}", terms=terms
+        )
+        return [(r, json.loads(r[-1])[: len(paths)]) for r in rows]
 
     def _sort_spec(self, sort: Iterable[query_pb.SortField]) -> docfilter.SortSpec:
         spec = super()._sort_spec(sort)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 from prism.interfaces.document.v1 import document_search_pb2 as pb
@@ -195,3 +196,40 @@ async def invalid_searches(t: Target) -> None:
         )
     await expect_invalid(search(t, coll, "red", filter='{"$bad": 1}'), "filter", "bad filter")
     await expect_invalid(search(t, coll, "red", page_size=-1), "page_size", "page_size -1")
+
+
+@case("document_search", requires=REQUIRES)
+async def nested_field_paths(t: Target) -> None:
+    """Paths address object members only: a path below another searched path finds its words
+    as well, a path into an array or a non-string value has none, a digit names a member (never
+    an array item); hits carry the whole stored document, not only the searched values."""
+    coll = t.name("nested")
+    docs = {
+        "n1": {"meta": {"title": "red apple", "n": 7}, "items": [{"name": "red"}], "other": "x"},
+        "n2": {"meta": {"0": "red apple"}, "list": ["red", "apple"]},
+        "n3": {"meta": "red apple", "items": {"name": "red apple"}},
+    }
+    await insert_all(t, coll, docs)
+    fields = [
+        pb.SearchField(path="meta"),
+        pb.SearchField(path="meta.title", weight=5),
+        pb.SearchField(path="items.name", weight=2),
+        pb.SearchField(path="meta.0", weight=3),
+        pb.SearchField(path="list.0", weight=4),
+    ]
+    result = await search(
+        t, coll, "red apple", fields, highlight=pb.HighlightOptions(pre_tag="[", post_tag="]")
+    )
+    equal(ids(result), ["n1", "n2", "n3"], "hits ranked by the weight of the exact field")
+    by_id = {h.document.id: h for h in result.hits}
+    equal(
+        [(h.field, h.snippet) for h in by_id["n1"].highlights],
+        [("meta.title", "[red] [apple]")],
+        "highlights of a nested member (an array of objects has no words)",
+    )
+    equal([h.field for h in by_id["n2"].highlights], ["meta.0"], "a digit names a member")
+    equal(
+        [h.field for h in by_id["n3"].highlights], ["meta", "items.name"], "outer and inner paths"
+    )
+    equal(json.loads(by_id["n1"].document.json), docs["n1"], "the whole document of a hit")
+    equal(ids(await search(t, coll, "7", fields)), [], "numbers have no words")
