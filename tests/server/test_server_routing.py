@@ -207,6 +207,31 @@ async def test_request_id_is_generated_and_echoed(channel: grpc.aio.Channel) -> 
     await call
     echoed = dict(await call.initial_metadata())
     assert len(str(echoed["x-request-id"])) == 32
+    int(str(echoed["x-request-id"]), 16)  # hex
+
+
+async def test_repeated_headers_are_read_alike_by_routing_and_the_access_log(
+    channel: grpc.aio.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The call's metadata is parsed once and shared: with a namespace and a request id sent
+    twice, the call acts in the namespace the access log names, under the id it echoes."""
+    stub = kv_grpc.KeyValueBasicServiceStub(channel)
+    await stub.Set(kv.SetRequest(key="twice", value=b"b"), metadata=namespaced("beta"))
+    metadata = (
+        *namespaced("alpha"), ("x-request-id", "first"),
+        *namespaced("beta"), ("x-request-id", "second"),
+    )  # fmt: skip
+    call = stub.Get(kv.GetRequest(key="twice"), metadata=metadata)
+    with caplog.at_level(logging.INFO):
+        got = await call
+    assert got.found and got.value == b"b"  # beta's value: alpha has no such key
+    (line,) = [
+        json.loads(r.getMessage())
+        for r in caplog.records
+        if r.name == "prism.access" and json.loads(r.getMessage())["request_id"] == "second"
+    ]
+    assert line["namespace"] == "beta" and line["code"] == "OK"
+    assert ("x-request-id", "second") in tuple(await call.initial_metadata())
 
 
 async def test_deadline_inside_a_slow_backend_call(channel: grpc.aio.Channel) -> None:
