@@ -521,19 +521,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def record(
         self,
         method: str,
-        mutation: bool,
         request: object,
         context: Context,
-        origin: tuple[str, str] | None,
+        origin: tuple[str, str],
         failed: BaseException | None,
     ) -> None:
-        """Audit the call if it mutates or was denied; `origin` None: the call is alive, read
-        it now (a unary call's is only read when the call is audited)."""
         outcome, reason = _outcome(context, failed)
-        if not mutation and outcome not in DENIED:
+        if not is_mutation(method) and outcome not in DENIED:
             return
-        if origin is None:
-            origin = self.origin(context)
         identity = current_identity.get()
         self.audit.record(
             AuditRecord(
@@ -550,20 +545,20 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     def _wrap(self, method: str, handler: Handler) -> Handler:
         authenticate, record, origin_of = self.authenticate, self.record, self.origin
-        mutation = is_mutation(method)
         if handler.unary_unary is not None:
             inner: Any = handler.unary_unary
 
             async def unary(request: Any, context: Context) -> Any:
                 failed: BaseException | None = None
+                origin = origin_of(context)
                 try:
                     await authenticate(context)
                     return await inner(request, context)
                 except BaseException as exc:
                     failed = exc
                     raise
-                finally:  # still inside the call: its origin can be read here
-                    record(method, mutation, request, context, None, failed)
+                finally:
+                    record(method, request, context, origin, failed)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -585,7 +580,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     failed = exc
                     raise
                 finally:
-                    record(method, mutation, request, context, origin, failed)
+                    record(method, request, context, origin, failed)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,

@@ -132,11 +132,8 @@ def _unary_handler(
         try:
             ctx, target = _prepare(context, resolve)
             request_id, labels = ctx.request_id, target.labels
-            call = getattr(target.impl, name)(request, ctx)
-            if ctx.deadline is None:  # no timer to arm: skip the timeout scope
-                return await call
             async with asyncio.timeout(ctx.time_remaining()):
-                return await call
+                return await getattr(target.impl, name)(request, ctx)
         except Exception as exc:
             await abort(context, exc, request_id or current_request_id.get(), labels)
 
