@@ -204,7 +204,7 @@ async def nested_field_paths(t: Target) -> None:
     as well, a path into an array or a non-string value has none, a digit names a member (never
     an array item); hits carry the whole stored document, not only the searched values."""
     coll = t.name("nested")
-    docs = {
+    docs: dict[str, dict[str, Any]] = {
         "n1": {"meta": {"title": "red apple", "n": 7}, "items": [{"name": "red"}], "other": "x"},
         "n2": {"meta": {"0": "red apple"}, "list": ["red", "apple"]},
         "n3": {"meta": "red apple", "items": {"name": "red apple"}},
