@@ -103,7 +103,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     create.add_argument(
         "--role", action="append", choices=sorted(ROLES), help="repeatable (default viewer)"
     )
-    create.add_argument("--scope", action="append", default=[], help="repeatable")
+    create.add_argument(
+        "--scope",
+        action="append",
+        default=[],
+        help="limit the key to a namespace: NAME or NAME:read|write|admin; prism-admin for key "
+        "administration (repeatable; none: every namespace)",
+    )
     create.add_argument(
         "--expires", help="ISO 8601 time or a duration from now (30d); default: never"
     )

@@ -53,9 +53,23 @@ from prism.interfaces.keyvalue.v1 import keyvalue_scan_pb2 as scan_pb
 
 from plugins.runtime import errors
 from plugins.runtime.context import CallContext
-from plugins.runtime.grpc_adapter import abort, call_headers, current_request_id
+from plugins.runtime.grpc_adapter import (
+    abort,
+    call_headers,
+    current_request_id,
+    routed_namespace,
+)
 from server.audit import AuditLog, AuditRecord
-from server.authz import Level, Principal, current_principal, principal_for
+from server.authz import (
+    ADMIN_API_SCOPE,
+    LEVEL_NAMES,
+    SCOPE,
+    Level,
+    Principal,
+    current_principal,
+    principal_for,
+    scope_level,
+)
 from server.patterns.artifact_registry.model import check_organization
 
 log = logging.getLogger("prism.auth")
@@ -103,6 +117,12 @@ class Identity:
     @property
     def name(self) -> str:
         return f"key:{self.key_id}"
+
+    @property
+    def server_admin(self) -> bool:
+        """Admin of no organization (the bootstrap key is one): admin everywhere, unless its
+        scopes say otherwise."""
+        return not self.organization and "admin" in self.roles
 
     def principal(self, grant: Level) -> Principal:
         """This key as authorization sees it in a namespace granting its organization `grant`."""
@@ -432,8 +452,9 @@ def is_mutation(method: str) -> bool:
     return not method.rpartition("/")[2].startswith(READ_ONLY_PREFIXES)
 
 
-def resource_of(request: object) -> str:
-    """The key, id, name... the request acts on, when it has an obvious one."""
+def resource_of(request: object, depth: int = 1) -> str:
+    """The key, id, name... the request acts on, when it has an obvious one: a field of the
+    request, else of a message it carries (CreateArtifact's `artifact`, ...)."""
     if not isinstance(request, Message):
         return ""
     fields = request.DESCRIPTOR.fields_by_name
@@ -441,6 +462,12 @@ def resource_of(request: object) -> str:
         value = getattr(request, name) if name in fields else None
         if isinstance(value, str) and value:
             return value[:256]
+    if depth:
+        for field in request.DESCRIPTOR.fields:
+            if field.message_type is not None and not field.is_repeated:
+                found = resource_of(getattr(request, field.name), depth - 1)
+                if found:
+                    return found
     return ""
 
 
@@ -502,7 +529,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 )
             identity = await self.keys.verify(header)
             current_identity.set(identity)
-            current_principal.set(identity.principal(Level.ADMIN))
+            # the key API's view; a routed call's namespace replaces it (server/router.py)
+            current_principal.set(identity.principal(scope_level(identity.scopes, ADMIN_API_SCOPE)))
         except errors.PrismError as exc:
             if "key_id" in exc.metadata:
                 _refused_key.set(f"key:{exc.metadata['key_id']}")
@@ -535,7 +563,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 identity=identity.name if identity else _refused_key.get() or "anonymous",
                 peer=origin[0],
                 method=method,
-                namespace=origin[1],
+                namespace=routed_namespace(context) or origin[1],
                 resource=resource_of(request),
                 outcome=outcome,
                 reason=reason,
@@ -599,6 +627,31 @@ def _page_size(size: int) -> int:
     return size or 100
 
 
+def _check_scopes(scopes: list[str], creator: Identity | None) -> None:
+    """Scopes are `<namespace>` or `<namespace>:<read|write|admin>` (`prism-admin` for the key
+    API). A scoped key mints only keys scoped within its own scopes: key administration must
+    not be a way out of them."""
+    for i, scope in enumerate(scopes):
+        match = SCOPE.fullmatch(scope)
+        if match is None:
+            raise errors.InvalidArgument(
+                f"scopes[{i}]",
+                "must be a namespace name, optionally with ':read', ':write' or ':admin' "
+                f"(or '{ADMIN_API_SCOPE}' for key administration)",
+            )
+        if creator is None or not creator.scopes:
+            continue
+        wanted = LEVEL_NAMES[match["level"] or "admin"]
+        if scope_level(creator.scopes, match["name"]) < wanted:
+            raise errors.PermissionDenied(
+                f"scope '{scope}' exceeds this API key's own scopes", reason="SCOPE_EXCEEDED"
+            )
+    if creator is not None and creator.scopes and not scopes:
+        raise errors.PermissionDenied(
+            "a scoped API key can only create scoped keys (give --scope)", reason="SCOPE_EXCEEDED"
+        )
+
+
 class KeyAdmin:
     """KeyAdminService (proto/prism/admin/v1/key_admin.proto), scoped by organization: a server
     admin (admin role, no organization) manages every key and reads the audit log; an
@@ -642,9 +695,7 @@ class KeyAdmin:
             raise errors.InvalidArgument("name", "must be 1-100 characters")
         if not request.roles or pb.ROLE_UNSPECIFIED in request.roles:
             raise errors.InvalidArgument("roles", "give at least one of admin, editor, viewer")
-        for i, scope in enumerate(request.scopes):
-            if not 1 <= len(scope) <= 64:
-                raise errors.InvalidArgument(f"scopes[{i}]", "must be 1-64 characters")
+        _check_scopes(list(request.scopes), current_identity.get())
         expires = None
         if request.HasField("expire_time"):
             expires = request.expire_time.ToNanoseconds() / 1e9

@@ -7,10 +7,12 @@ in an organization, `sees_everything` marks the system (auth off) and server adm
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import IntEnum
+from functools import lru_cache
 
 from plugins.runtime import errors
 
@@ -131,6 +133,28 @@ def principal_for(
     """The principal of an API key in a namespace granting its organization `grant`."""
     level = max((ROLE_LEVELS.get(r, Level.NONE) for r in roles), default=Level.NONE)
     user = owner or f"key:{key_id}"
-    if level == Level.ADMIN and not organization:
+    if level == Level.ADMIN and not organization and grant == Level.ADMIN:
         return Principal("", owner, Level.ADMIN, sees_everything=True, user=user)
+    # a server admin key its scopes hold below admin is a member of nothing, like any key
+    # without an organization
     return Principal(organization, owner, min(level, grant), user=user)
+
+
+#: the name a key's scopes give the key administration API (KeyAdminService)
+ADMIN_API_SCOPE = "prism-admin"
+#: a scope: a namespace (or ADMIN_API_SCOPE), optionally capped at a level
+SCOPE = re.compile(r"(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,62})(?::(?P<level>read|write|admin))?")
+
+
+@lru_cache(maxsize=4096)
+def scope_level(scopes: tuple[str, ...], namespace: str) -> Level:
+    """The most a key's scopes allow in `namespace` (or the key API): a key without scopes
+    is unrestricted, one with scopes reaches only what they name."""
+    if not scopes:
+        return Level.ADMIN
+    best = Level.NONE
+    for scope in scopes:
+        name, _, level = scope.partition(":")
+        if name == namespace:
+            best = max(best, LEVEL_NAMES.get(level, Level.ADMIN))
+    return best

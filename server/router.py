@@ -20,7 +20,14 @@ from plugins.runtime.grpc_adapter import (
 )
 from prismctl.config import NamespaceConfig
 from server.auth import Identity, current_identity, is_mutation
-from server.authz import ADMIN_RPCS, Level, NamespaceAccess, Principal, current_principal
+from server.authz import (
+    ADMIN_RPCS,
+    Level,
+    NamespaceAccess,
+    Principal,
+    current_principal,
+    scope_level,
+)
 from server.binding import BindError
 from server.patterns import Exposed
 
@@ -52,10 +59,12 @@ def effective_principal(identity: Identity, grant: Level) -> Principal:
 
 def admitted(identity: Identity, access: NamespaceAccess) -> Principal | None:
     """The caller's effective principal in the namespace; None when the namespace grants its
-    organization nothing (a server admin is admitted everywhere)."""
-    grant = access.grant(identity.organization)
-    principal = effective_principal(identity, grant)
-    return principal if grant is not Level.NONE or principal.sees_everything else None
+    organization nothing or the key's scopes leave it out. A server admin ignores `access:`
+    maps; scopes bind every key."""
+    grant = scope_level(identity.scopes, access.name)
+    if not identity.server_admin:
+        grant = min(grant, access.grant(identity.organization))
+    return None if grant is Level.NONE else effective_principal(identity, grant)
 
 
 def authorize(

@@ -71,6 +71,17 @@ def call_headers(context: grpc.aio.ServicerContext[Any, Any]) -> CallHeaders:
     return headers
 
 
+#: (call context, namespace the call was routed to): what the audit log records
+_routed: ContextVar[tuple[object, str] | None] = ContextVar("prism_routed", default=None)
+
+
+def routed_namespace(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The namespace this call was routed to ("" before routing or when it never was): the
+    one that served it, also when the client named none."""
+    routed = _routed.get()
+    return routed[1] if routed is not None and routed[0] is context else ""
+
+
 def new_request_id() -> str:
     """32 random hex characters (what uuid4().hex looked like, at a fifth of its cost)."""
     return os.urandom(16).hex()
@@ -117,6 +128,7 @@ def _prepare(
     client's, else a fresh one."""
     headers = call_headers(context)
     target = resolve(headers.namespace)
+    _routed.set((context, target.namespace))
     request_id = current_request_id.get() or headers.request_id or new_request_id()
     ctx = CallContext.with_timeout(target.namespace, context.time_remaining(), request_id)
     return ctx, target

@@ -275,3 +275,24 @@ def eventually_sync(predicate: Any, timeout: float = 30.0) -> bool:
             return False
         time.sleep(0.1)
     return True
+
+
+async def test_entries_name_the_serving_namespace_and_a_nested_resource(tmp_path: Path) -> None:
+    """A call that names no namespace is recorded under the one that served it; a request whose
+    resource sits in a message it carries (CreateArtifact's `artifact`) names it."""
+    from prism.patterns.artifact_registry.v1 import artifact_registry_pb2 as ar
+    from prism.patterns.artifact_registry.v1 import artifact_registry_pb2_grpc as ar_grpc
+
+    async with running_server(None, tmp_path, auth=True) as server:
+        admin = server.bootstrap_key
+        assert admin is not None
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            artifact = ar.Artifact(
+                organization="acme", name="Reviewer", type=ar.ARTIFACT_TYPE_PERSONA, source="p {}"
+            )
+            auth_only = (("authorization", f"Bearer {admin}"),)  # no x-prism-namespace
+            await ar_grpc.ArtifactRegistryServiceStub(channel).CreateArtifact(
+                ar.CreateArtifactRequest(artifact=artifact), metadata=with_id(auth_only, "made")
+            )
+        [entry] = [e for e in await all_entries(server, admin) if e.request_id == "made"]
+        assert (entry.namespace, entry.resource, entry.outcome) == ("registry", "Reviewer", "OK")

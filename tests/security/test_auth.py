@@ -585,11 +585,11 @@ def prismctl(address: str, key: str | None, *args: str, ok: bool = True) -> Any:
 def test_prismctl_keys_create_list_revoke(secured: tuple[Started, str]) -> None:
     started, admin = secured
     made = prismctl(started.address, admin, "keys", "create", "--name", "ci", "--role",
-                    "editor", "--org", "acme", "--scope", "deploy", "--expires", "30d",
+                    "editor", "--org", "acme", "--scope", "default:write", "--expires", "30d",
                     "--format", "json")  # fmt: skip
     key, key_id = made["secret_key"], made["key"]["id"]
     assert key.startswith(f"prism_{key_id}_")
-    assert made["key"]["roles"] == ["ROLE_EDITOR"] and made["key"]["scopes"] == ["deploy"]
+    assert made["key"]["roles"] == ["ROLE_EDITOR"] and made["key"]["scopes"] == ["default:write"]
     assert blocking_set(started.address, key) == grpc.StatusCode.OK
 
     table = prismctl(started.address, admin, "keys", "list")

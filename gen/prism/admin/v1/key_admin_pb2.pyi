@@ -69,7 +69,9 @@ class ApiKey(_message.Message):
     def roles(self) -> _containers.RepeatedScalarFieldContainer[Global___Role.ValueType]: ...
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Free-form scope labels, each 1-64 characters."""
+        """Empty: every namespace. Otherwise only the namespaces named, each scope `<namespace>` or
+        `<namespace>:<read|write|admin>` (a level cap there); `prism-admin` names this service.
+        """
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
@@ -128,7 +130,11 @@ class CreateKeyRequest(_message.Message):
         """At least one role."""
 
     @_builtins.property
-    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """As ApiKey.scopes; a caller whose own key has scopes may only give scopes within them
+        (PERMISSION_DENIED, reason SCOPE_EXCEEDED).
+        """
+
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """Unset: never expires; otherwise in the future."""
