@@ -118,7 +118,12 @@ async def abort(
 ) -> None:
     """End the call with the status the one error mapping gives `exc`."""
     aio_context: Any = context  # grpc-stubs predates ServicerContext.abort_with_status
-    await aio_context.abort_with_status(status_for(exc, request_id, labels))
+    status: Any = status_for(exc, request_id, labels)
+    if request_id:
+        # the status's trailers replace any set before: the request id must ride along
+        echoed = (*status.trailing_metadata, (REQUEST_ID_HEADER, request_id))
+        status = type(status)(status.code, status.details, echoed)
+    await aio_context.abort_with_status(status)
 
 
 def _prepare(

@@ -198,14 +198,29 @@ async def test_unexpected_exception_is_internal_with_request_id(
     assert info.metadata["request_id"] == "req-12345"
     assert "req-12345" in (err.details() or "")
     assert "kaboom" not in (err.details() or "")  # no internals leak to the client
-    assert ("x-request-id", "req-12345") in tuple(await call.initial_metadata())
+    assert ("x-request-id", "req-12345") in tuple(await call.trailing_metadata())
+
+
+async def test_a_refused_call_echoes_the_request_id_in_its_trailers(
+    channel: grpc.aio.Channel,
+) -> None:
+    """An error's status carries trailers of its own; the request id rides along with them."""
+    stub = kv_grpc.KeyValueBasicServiceStub(channel)
+    metadata = (*namespaced("alpha"), ("x-request-id", "bad-key"))
+    call = stub.Set(kv.SetRequest(key="", value=b"v"), metadata=metadata)
+    err = await rpc_error(call)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    trailers = tuple(await call.trailing_metadata())
+    assert ("x-request-id", "bad-key") in trailers
+    info, _ = error_details(err)  # the status details survive beside it
+    assert info is not None and info.reason == "INVALID_ARGUMENT"
 
 
 async def test_request_id_is_generated_and_echoed(channel: grpc.aio.Channel) -> None:
     stub = kv_grpc.KeyValueBasicServiceStub(channel)
     call = stub.Exists(kv.ExistsRequest(key="k"), metadata=namespaced("alpha"))
     await call
-    echoed = dict(await call.initial_metadata())
+    echoed = dict(await call.trailing_metadata())
     assert len(str(echoed["x-request-id"])) == 32
     int(str(echoed["x-request-id"]), 16)  # hex
 
@@ -231,7 +246,7 @@ async def test_repeated_headers_are_read_alike_by_routing_and_the_access_log(
         if r.name == "prism.access" and json.loads(r.getMessage())["request_id"] == "second"
     ]
     assert line["namespace"] == "beta" and line["code"] == "OK"
-    assert ("x-request-id", "second") in tuple(await call.initial_metadata())
+    assert ("x-request-id", "second") in tuple(await call.trailing_metadata())
 
 
 async def test_deadline_inside_a_slow_backend_call(channel: grpc.aio.Channel) -> None:
@@ -249,6 +264,8 @@ async def test_server_streaming_fan_out_and_unsubscribe(channel: grpc.aio.Channe
     stream = stub.Subscribe(ps.SubscribeRequest(topic="t"))  # only alpha serves pubsub
     first = await stream.read()
     assert isinstance(first, ps.SubscribeResponse)
+    # a stream's request id arrives first, in the initial metadata, for the reader to log
+    assert len(dict(await stream.initial_metadata())["x-request-id"]) == 32
     subscription_id = first.started.subscription_id
     await stub.Publish(ps.PublishRequest(topic="t", payload=b"hello"))
     second = await stream.read()
