@@ -1,6 +1,7 @@
 """The artifact registry under load: GetArtifact (cached and uncached), GetArtifactBySlug,
-CreateArtifact and SearchArtifacts with concurrent clients, at several corpus sizes, on the
-embedded default (SQLite) and on PostgreSQL, against a bare gRPC echo server in the same run.
+CreateArtifact, SearchArtifacts, ListArtifacts and CountArtifacts with concurrent clients, at
+several corpus sizes, on the embedded default (SQLite) and on PostgreSQL, against a bare gRPC
+echo server in the same run.
 
     make bench-registry                   # sizes 1k,10k; add --sizes 1000,10000,100000
     .venv/bin/python -m bench.registry --targets sqlite --sizes 1000 --seconds 2
@@ -12,7 +13,9 @@ artifact in ten is private).
 
 Corpora are bulk-loaded with ImportPack (the registry's own API), then each operation runs
 closed-loop for --seconds. "uncached" reads touch every id once, so the L1/L2 caches cannot
-answer them; "cached" reads cycle over 100 ids.
+answer them; "cached" reads cycle over 100 ids. "list" reads the latest versions by name, 20 a
+page, cycling over the first LIST_PAGES pages (a later page follows the token a previous call
+got); "count" counts what that listing lists.
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ ROLES = [
     "tutor",
 ]
 IMPORT_BATCH = 2000
+#: "list" cycles over this many pages of the listing: the first one and the ones after it
+LIST_PAGES = 5
 #: artifacts made by the "create" operation, numbered after any corpus
 CREATED = itertools.count(10_000_000)
 #: the organization whose editor key the +auth runs use (and where "create" creates)
@@ -190,12 +195,31 @@ def operations(
         request = pb.SearchArtifactsRequest(query=query, page_size=10)
         return await stub.SearchArtifacts(request, metadata=md)
 
+    listing = pb.ArtifactFilter(latest_only=True)
+    #: page k's token, learnt from page k-1's answer (keyset tokens: the same for every call)
+    tokens = {0: ""}
+
+    async def list_page(n: int) -> object:
+        page = n % LIST_PAGES
+        if page not in tokens:
+            page = 0
+        request = pb.ListArtifactsRequest(filter=listing, page_size=20, page_token=tokens[page])
+        response = await stub.ListArtifacts(request, metadata=md)
+        if response.next_page_token:
+            tokens[page + 1] = response.next_page_token
+        return response
+
+    async def count(n: int) -> object:
+        return await stub.CountArtifacts(pb.CountArtifactsRequest(filter=listing), metadata=md)
+
     return {
         "get-uncached": uncached,
         "get-cached": cached,
         "get-by-slug": by_slug,
         "create": create,
         "search": search,
+        "list": list_page,
+        "count": count,
     }
 
 
@@ -315,7 +339,7 @@ def report(results: list[Result], echo: Result) -> None:
     if len(sizes) > 1:
         print("\nscaling (p50 ms at each corpus size):")
         for target in targets:
-            for op in ("get-uncached", "search"):
+            for op in ("get-uncached", "search", "list", "count"):
                 cells = [by_key.get((f"{target}@{s}", op)) for s in sizes]
                 text = "  ".join(
                     f"{s}: {c.percentile(50):.2f}" for s, c in zip(sizes, cells, strict=True) if c
