@@ -27,7 +27,6 @@ records every mutating or denied call in the audit log (server/audit.py).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
@@ -36,10 +35,10 @@ import re
 import secrets
 import time
 from base64 import urlsafe_b64decode, urlsafe_b64encode
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, TypeAlias
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -59,6 +58,7 @@ from plugins.runtime.grpc_adapter import (
     current_request_id,
     routed_namespace,
 )
+from plugins.runtime.interceptors import Context, HookedInterceptor
 from server.audit import AuditLog, AuditRecord
 from server.authz import (
     ADMIN_API_SCOPE,
@@ -74,8 +74,6 @@ from server.patterns.artifact_registry.model import check_organization
 
 log = logging.getLogger("prism.auth")
 
-Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 #: the namespace key records live in, inside the security store slot
 NAMESPACE = "prism-security"
@@ -491,31 +489,31 @@ def _outcome(context: Context, failed: BaseException | None) -> tuple[str, str]:
     return code.name, reason
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+#: (peer, namespace header) of a call
+Origin = tuple[str, str]
+
+
+class AuthInterceptor(HookedInterceptor[Origin]):
     """Authenticates (when `keys` is given; None: auth off, every caller anonymous) and audits.
 
     Placed right after the request-id interceptor, so a denial carries the request id and the
     rate limiter placed after it sees the identity."""
 
     def __init__(self, keys: KeyStore | None, audit: AuditLog) -> None:
+        super().__init__()
         self.keys = keys
         self.audit = audit
-        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or method.startswith(OPEN_PREFIXES):
-            return handler
-        cached = self._wrapped.get(method)
-        if cached is None or cached[0] is not handler:
-            cached = (handler, self._wrap(method, handler))
-            self._wrapped[method] = cached
-        return cached[1]
+    def applies(self, method: str) -> bool:
+        return not method.startswith(OPEN_PREFIXES)
+
+    def start(self, method: str, request: Any, context: Context, streaming: bool) -> Origin:
+        """(peer, namespace) of the call, read while it is alive: a server stream may end after
+        the call is gone, and asking a finished call for its peer crashes grpc."""
+        return context.peer() or "", call_headers(context).namespace
+
+    async def admit(self, method: str, context: Context, state: Origin) -> None:
+        await self.authenticate(context)
 
     async def authenticate(self, context: Context) -> None:
         if self.keys is None:
@@ -540,20 +538,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             denied = errors.Unavailable(f"cannot verify the API key: {exc}")
             await abort(context, denied, current_request_id.get(), {})
 
-    @staticmethod
-    def origin(context: Context) -> tuple[str, str]:
-        """(peer, namespace) of the call, read while it is alive: a server stream may end after
-        the call is gone, and asking a finished call for its peer crashes grpc."""
-        return context.peer() or "", call_headers(context).namespace
-
-    def record(
+    def finish(
         self,
         method: str,
-        request: object,
+        request: Any,
         context: Context,
-        origin: tuple[str, str],
+        state: Origin,
         failed: BaseException | None,
     ) -> None:
+        """The audit entry of a mutating or denied call."""
         outcome, reason = _outcome(context, failed)
         if not is_mutation(method) and outcome not in DENIED:
             return
@@ -561,61 +554,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self.audit.record(
             AuditRecord(
                 identity=identity.name if identity else _refused_key.get() or "anonymous",
-                peer=origin[0],
+                peer=state[0],
                 method=method,
-                namespace=routed_namespace(context) or origin[1],
+                namespace=routed_namespace(context) or state[1],
                 resource=resource_of(request),
                 outcome=outcome,
                 reason=reason,
                 request_id=current_request_id.get(),
             )
         )
-
-    def _wrap(self, method: str, handler: Handler) -> Handler:
-        authenticate, record, origin_of = self.authenticate, self.record, self.origin
-        if handler.unary_unary is not None:
-            inner: Any = handler.unary_unary
-
-            async def unary(request: Any, context: Context) -> Any:
-                failed: BaseException | None = None
-                origin = origin_of(context)
-                try:
-                    await authenticate(context)
-                    return await inner(request, context)
-                except BaseException as exc:
-                    failed = exc
-                    raise
-                finally:
-                    record(method, request, context, origin, failed)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            inner_stream: Any = handler.unary_stream
-
-            async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
-                failed: BaseException | None = None
-                origin = origin_of(context)
-                try:
-                    await authenticate(context)
-                    async with contextlib.aclosing(inner_stream(request, context)) as items:
-                        async for item in items:
-                            yield item
-                except BaseException as exc:
-                    failed = exc
-                    raise
-                finally:
-                    record(method, request, context, origin, failed)
-
-            return grpc.unary_stream_rpc_method_handler(
-                stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
 
 
 MAX_PAGE = 1000

@@ -21,18 +21,14 @@ the server installs no interceptor.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fnmatch
 import hashlib
 import logging
 import math
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeAlias
+from typing import Any
 
-import grpc
-import grpc.aio
 from google.protobuf import duration_pb2
 from prism.contracts.keyvalue import KeyValueBasic, KeyValueCAS, KeyValueTTL
 from prism.interfaces.keyvalue.v1 import keyvalue_basic_pb2 as kv_pb
@@ -42,13 +38,12 @@ from prism.interfaces.keyvalue.v1 import keyvalue_ttl_pb2 as ttl_pb
 from plugins.runtime.context import CallContext
 from plugins.runtime.errors import Aborted, AlreadyExists, ResourceExhausted, Unavailable
 from plugins.runtime.grpc_adapter import abort, current_request_id
+from plugins.runtime.interceptors import Context, HookedInterceptor
 from prismctl.config import RateRule
 from server.auth import current_identity
 
 log = logging.getLogger("prism.ratelimit")
 
-Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 #: the namespace bucket entries live in, inside the store slot
 NAMESPACE = "prism-rate-limits"
@@ -179,15 +174,17 @@ def refill(got: kv_pb.GetResponse, now: float, rate: float, burst: int) -> tuple
     return min(float(burst), tokens + (now - stamp) * rate), now
 
 
-class RateLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+class RateLimitInterceptor(HookedInterceptor[RateRule]):
     """Placed after the request-id interceptor: a denied call is RESOURCE_EXHAUSTED (reason
     RATE_LIMITED, RetryInfo) carrying the call's request id. A store that cannot be reached
     denies (UNAVAILABLE) or admits the call as the rule's `on_store_error` says."""
 
     def __init__(self, rules: list[RateRule], buckets: TokenBuckets) -> None:
+        super().__init__()
         self.rules = rules
         self.buckets = buckets
-        self._wrapped: dict[str, tuple[Handler, Handler | None]] = {}
+        #: method → its rule, for the methods a rule covers (settled when first wrapped)
+        self._rule_of: dict[str, RateRule] = {}
         self._warned_at = 0.0
 
     def rule_for(self, method: str) -> RateRule | None:
@@ -196,23 +193,16 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         name = method.lstrip("/")
         return next((r for r in self.rules if fnmatch.fnmatchcase(name, r.method)), None)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method: str = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is None or cached[0] is not handler:
-            rule = self.rule_for(method)
-            cached = (handler, None if rule is None else self._wrap(method, rule, handler))
-            self._wrapped[method] = cached
-        return cached[1] or handler
+    def applies(self, method: str) -> bool:
+        rule = self.rule_for(method)
+        if rule is not None:
+            self._rule_of[method] = rule
+        return rule is not None
 
-    async def admit(self, method: str, rule: RateRule, context: Context) -> None:
+    def start(self, method: str, request: Any, context: Context, streaming: bool) -> RateRule:
+        return self._rule_of[method]
+
+    async def admit(self, method: str, context: Context, rule: RateRule) -> None:
         """Return when the call may proceed; abort it with RESOURCE_EXHAUSTED otherwise."""
         try:
             delay = await self.buckets.take(
@@ -244,33 +234,3 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
                 rule=rule.method,
             )
             await abort(context, denied, current_request_id.get(), {})
-
-    def _wrap(self, method: str, rule: RateRule, handler: Handler) -> Handler:
-        admit = self.admit
-        if handler.unary_unary is not None:
-            inner: Any = handler.unary_unary
-
-            async def unary(request: Any, context: Context) -> Any:
-                await admit(method, rule, context)
-                return await inner(request, context)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            inner_stream: Any = handler.unary_stream
-
-            async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
-                await admit(method, rule, context)
-                async with contextlib.aclosing(inner_stream(request, context)) as items:
-                    async for item in items:
-                        yield item
-
-            return grpc.unary_stream_rpc_method_handler(
-                stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
