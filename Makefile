@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 LISTEN ?= 127.0.0.1:50051
 PYTEST_ARGS ?=
 
-.PHONY: run test test-slow lint typecheck proto proto-check buf-lint bench bench-registry bench-backends install clean
+.PHONY: run test test-slow lint typecheck proto proto-check buf-lint bench bench-registry bench-backends bench-queues install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,9 @@ bench-registry: $(STAMP)
 
 bench-backends: $(STAMP)
 	$(BIN)/python -m bench.backends
+
+bench-queues: $(STAMP)
+	$(BIN)/python -m bench.queues
 
 clean:
 	rm -rf $(VENV) build *.egg-info
