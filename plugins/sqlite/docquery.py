@@ -9,11 +9,16 @@ in IFNULL(..., 0) so it is always 0 or 1: SQL's three-valued logic would otherwi
 Conditions on JSON cannot use an index by themselves (equality must also match array elements, so
 it is an OR with a json_each scan), so `Sql.index_driver` rewrites one top-level condition on an
 indexed field as a rowid set taken from that index; the whole filter is still checked per row.
+
+A value index keeps each field as the two sort expressions (`rank_sql`, `sort_value_sql`), the
+very ones ORDER BY spells, so one index serves equality, ranges, uniqueness and order: a sorted
+page can walk an index in order and stop at its LIMIT (`Sql.ordered_terms`) instead of sorting
+every match.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 from plugins.runtime import docfilter
@@ -24,14 +29,8 @@ NUMBER_TYPES = "('integer', 'real')"
 SCALAR_TYPES = "('integer', 'real', 'text', 'true', 'false')"
 NULL_ELEMENT = "type = 'null'"
 _CMP_SQL = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
-_RANK_SQL = (
-    "CASE json_type(body, {p}) WHEN 'integer' THEN 1 WHEN 'real' THEN 1 WHEN 'text' THEN 2 "
-    "WHEN 'true' THEN 3 WHEN 'false' THEN 3 WHEN 'array' THEN 4 WHEN 'object' THEN 4 ELSE 0 END"
-)
-_VALUE_SQL = (
-    "CASE WHEN json_type(body, {p}) IN ('array', 'object') THEN NULL "
-    "ELSE json_extract(body, {p}) END"
-)
+#: docfilter.sort_value's ranks: missing or null, number, text, boolean, array or object
+_NUMBER, _TEXT, _BOOL, COMPOUND_RANK = 1, 2, 3, 4
 #: preference among conditions that could drive a query from an index (lower first): equality
 #: on a string or number usually selects a few rows, a boolean often half the collection
 _EQ_VALUE, _IN_VALUES, _RANGE, _EQ_BOOL = range(4)
@@ -61,18 +60,24 @@ def path_literal(path: docfilter.Path, field: str = "filter") -> str:
     return sql_literal(json_path(path, field))
 
 
-def kind_sql(path: str) -> str:
-    """The JSON type at `path` (a literal) with integer and real as one 'number': the first
-    column a value index keeps per field, so 1 and 1.0 index alike and `true`, 1 and "1" apart."""
+def rank_sql(path: str) -> str:
+    """The sort rank (docfilter.sort_value) of the value at `path` (a literal): the first key
+    of ORDER BY and the first column a value index keeps per field, so 1 and 1.0 rank alike and
+    `true`, 1 and "1" apart."""
     return (
-        f"(CASE json_type(body, {path}) WHEN 'integer' THEN 'number' "
-        f"WHEN 'real' THEN 'number' ELSE json_type(body, {path}) END)"
+        f"(CASE json_type(body, {path}) WHEN 'integer' THEN 1 WHEN 'real' THEN 1 "
+        "WHEN 'text' THEN 2 WHEN 'true' THEN 3 WHEN 'false' THEN 3 WHEN 'array' THEN 4 "
+        "WHEN 'object' THEN 4 ELSE 0 END)"
     )
 
 
-def value_sql(path: str) -> str:
-    """The second column a value index keeps per field."""
-    return f"json_extract(body, {path})"
+def sort_value_sql(path: str) -> str:
+    """The scalar at `path` (booleans as 1 and 0; NULL for arrays and objects): the second key
+    of ORDER BY and the second column a value index keeps per field."""
+    return (
+        f"(CASE WHEN json_type(body, {path}) IN ('array', 'object') THEN NULL "
+        f"ELSE json_extract(body, {path}) END)"
+    )
 
 
 def scope_sql(ns: str, collection: str) -> str:
@@ -144,25 +149,34 @@ class Sql:
     # -- index use ---------------------------------------------------------------------------
 
     def index_driver(
-        self, node: Node, indexed: Collection[docfilter.Path], scope: str
+        self,
+        node: Node,
+        indexed: Collection[docfilter.Path],
+        scope: str,
+        *,
+        selective_only: bool = False,
     ) -> str | None:
         """`rowid IN (...)` answering one top-level condition of `node` on an `indexed` path
-        (the leading field of a usable value index) from that index, or None when none can.
+        (the leading field of a usable value index) from that index, or None when none can
+        (or, `selective_only`, none that may select few rows: a boolean equality selects many,
+        reading them all costs more than a walk in sort order that stops at the page's end).
 
-        One UNION ALL arm per value kind the condition can match as a scalar, spelt as the
-        index's (kind, value) columns, plus one arm for array values (the index's kind
-        'array'), each under `scope`, the index's partial WHERE."""
+        One UNION ALL arm per value rank the condition can match as a scalar, spelt as the
+        index's (rank, value) columns, plus one arm for arrays (the index's rank of arrays and
+        objects), each under `scope`, the index's partial WHERE."""
         best: tuple[int, Condition, list[str]] | None = None
         for c in _conjuncts(node):
             if isinstance(c, Condition) and c.path in indexed:
                 found = self._scalar_arms(c)
-                if found is not None and (best is None or found[0] < best[0]):
+                if found is None or (selective_only and found[0] == _EQ_BOOL):
+                    continue
+                if best is None or found[0] < best[0]:
                     best = (found[0], c, found[1])
         if best is None:
             return None
         _, c, scalar_arms = best
         path = path_literal(c.path)
-        arms = [*scalar_arms, f"{kind_sql(path)} = 'array' AND {self.where(c)}"]
+        arms = [*scalar_arms, f"{rank_sql(path)} = {COMPOUND_RANK} AND {self.where(c)}"]
         selects = " UNION ALL ".join(f"SELECT rowid FROM docs WHERE {scope} AND {a}" for a in arms)
         return f"rowid IN ({selects})"
 
@@ -170,11 +184,10 @@ class Sql:
         """(preference, index-shaped conditions on the scalar values `c` matches), or None
         when `c` cannot be answered that way (null operands, negations, $exists, $all)."""
         path = path_literal(c.path)
-        kind, value = kind_sql(path), value_sql(path)
-        if c.op in _CMP_SQL:
-            return _RANGE, [
-                f"{kind} = {_kind(c.operand)} AND {value} {_CMP_SQL[c.op]} {self.p(c.operand)}"
-            ]
+        rank, value = rank_sql(path), sort_value_sql(path)
+        if c.op in _CMP_SQL:  # compares numbers (booleans as numbers, as `where` does) or text
+            kind = _NUMBER if isinstance(c.operand, int | float) else _TEXT
+            return _RANGE, [f"{rank} = {kind} AND {value} {_CMP_SQL[c.op]} {self.p(c.operand)}"]
         operands: tuple[Any, ...]
         if c.op == "$eq":
             operands = (c.operand,)
@@ -184,25 +197,43 @@ class Sql:
             return None
         if any(v is None for v in operands):
             return None
-        arms = [
-            f"{kind} = '{'true' if v else 'false'}'"
-            for v in dict.fromkeys(v for v in operands if isinstance(v, bool))
-        ]
-        for name in ("'text'", "'number'"):
-            same = [v for v in operands if not isinstance(v, bool) and _kind(v) == name]
+        arms = []
+        for kind in (_BOOL, _TEXT, _NUMBER):
+            same = dict.fromkeys(v for v in operands if _rank(v) == kind)
             if same:
-                arms.append(
-                    f"{kind} = {name} AND {value} IN ({', '.join(self.p(v) for v in same)})"
-                )
+                arms.append(f"{rank} = {kind} AND {value} IN ({', '.join(map(self.p, same))})")
         if c.op == "$in":
             return _IN_VALUES, arms
         return (_EQ_BOOL if isinstance(c.operand, bool) else _EQ_VALUE), arms
+
+    def ordered_terms(self, node: Node, prefix: Sequence[docfilter.Path]) -> list[str] | None:
+        """Terms that let SQLite walk a value index over `prefix` + the sort fields in order:
+        an index equality per prefix field, each required by a top-level `$eq` of a scalar in
+        `node` (exact only where the collection holds no array there: the caller checks), or
+        None when a prefix field has no such condition. A later page's keyset bound is read
+        from the index's columns as it walks, so skipped entries cost no document read."""
+        conditions = {
+            c.path: c
+            for c in _conjuncts(node)
+            if isinstance(c, Condition) and c.op == "$eq" and _scalar(c.operand)
+        }
+        terms = []
+        for path in prefix:
+            c = conditions.get(path)
+            if c is None:
+                return None
+            literal = path_literal(path)
+            terms.append(
+                f"{rank_sql(literal)} = {_rank(c.operand)} "
+                f"AND {sort_value_sql(literal)} = {self.p(c.operand)}"
+            )
+        return terms
 
     # -- sort --------------------------------------------------------------------------------
 
     def _sort_exprs(self, path: docfilter.Path) -> tuple[str, str]:
         jp = path_literal(path, "sort")
-        return _RANK_SQL.format(p=jp), _VALUE_SQL.format(p=jp)
+        return rank_sql(jp), sort_value_sql(jp)
 
     def order_by(self, spec: SortSpec) -> str:
         terms = []
@@ -254,9 +285,15 @@ def _element(path: str, test: str) -> str:
     )
 
 
-def _kind(operand: Any) -> str:
-    """The index kind (see `kind_sql`) of a string or number operand."""
-    return "'number'" if isinstance(operand, int | float) else "'text'"
+def _rank(operand: Any) -> int:
+    """The sort rank (see `rank_sql`) of a boolean, number or string operand."""
+    if isinstance(operand, bool):
+        return _BOOL
+    return _NUMBER if isinstance(operand, int | float) else _TEXT
+
+
+def _scalar(operand: Any) -> bool:
+    return isinstance(operand, bool | int | float | str)
 
 
 def _conjuncts(node: Node) -> Iterator[Node]:

@@ -5,10 +5,12 @@ Value indexes are real SQLite expression indexes over json_extract, partial to o
 collection, so a unique index is enforced by SQLite itself inside the writing transaction.
 
 A query is one SELECT (`select_statement`) whose rows come from an index when one applies: the
-FTS5 match for a search, else a non-unique value index led by a field the filter tests (so
-Find/Count by an indexed field stay flat as the collection grows); otherwise it reads the
-collection. Search ranks only those candidates (BM25 averages over them, which the contract
-leaves to the backend), never the whole collection.
+FTS5 match for a search; else a non-unique value index led by a field the filter tests (so
+Find/Count by an indexed field stay flat as the collection grows), except that a sorted page
+whose best such condition is a boolean equality (or none) walks a value index over fields the
+filter pins with `$eq` and then the sort fields, in order, up to the page's LIMIT; otherwise it
+reads the collection. Search ranks only those candidates (BM25 averages over them, which the
+contract leaves to the backend), never the whole collection.
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ from plugins.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArg
 from plugins.runtime.sqldocuments import Groups, Row, not_found, revision_mismatch, unique_violation
 from plugins.sqlite.db import Database
 from plugins.sqlite.docquery import (
+    COMPOUND_RANK,
     SCALAR_TYPES,
     Sql,
     json_path,
-    kind_sql,
     path_literal,
+    rank_sql,
     scope_sql,
-    value_sql,
+    sort_value_sql,
 )
 
 INDEX_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,62}")
@@ -142,26 +145,72 @@ def select_statement(
     words: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """One SELECT of the collection's rows matching `node` (and the FTS5 query `words`), in
-    `spec` order after `after`, driven by the FTS5 match or else by a value index when a
-    condition allows (see Sql.index_driver); `conn` supplies the index definitions."""
+    `spec` order after `after`, driven by the FTS5 match, by a value index walked in `spec`
+    order (`_ordered_terms`) unless a condition other than a boolean equality can drive, or
+    else by a value index when a condition allows (see Sql.index_driver); `conn` supplies the
+    index definitions."""
     sql = Sql()
-    driver: str | None
+    scope = scope_sql(ns, collection)
+    driver: str | None = None
+    ordered: list[str] | None = None
     if words is not None:
         driver = f"rowid IN (SELECT rowid FROM doc_words WHERE text MATCH {sql.p(words)})"
     else:
-        indexed = _indexed_paths(conn, ns, collection)
-        driver = sql.index_driver(node, indexed, scope_sql(ns, collection))
+        indexes = _value_indexes(conn, ns, collection)
+        leading = {i[0] for i in indexes}
+        driver = sql.index_driver(node, leading, scope, selective_only=True)
+        if driver is None and spec is not None and spec.fields:
+            ordered = _ordered_terms(conn, sql, scope, indexes, leading, node, spec)
+        if driver is None and ordered is None:
+            driver = sql.index_driver(node, leading, scope)
     # With a driver, the unary + keeps SQLite from scanning an index of the whole collection
-    # instead of looking up the driver's rowids.
+    # instead of looking up the driver's rowids. A walk in order names the scope as the
+    # indexes' partial WHERE does (SQLite needs the same terms, literally).
     head = "ns = :ns AND collection = :collection"
     if driver is not None:
         head = f"{driver} AND +ns = :ns AND +collection = :collection"
+    elif ordered is not None:
+        head = " AND ".join([scope, *ordered])
     where = sql.where(node)
     if spec is not None and after is not None:
         where += " AND " + sql.after(spec, after)
     order = f" ORDER BY {sql.order_by(spec)}" if spec is not None else ""
     statement = f"SELECT {columns} FROM docs WHERE {head} AND {where}{order} LIMIT :limit"
     return statement, {**sql.params, "ns": ns, "collection": collection, "limit": limit}
+
+
+def _ordered_terms(
+    conn: sqlite3.Connection,
+    sql: Sql,
+    scope: str,
+    indexes: list[tuple[docfilter.Path, ...]],
+    leading: set[docfilter.Path],
+    node: docfilter.Node,
+    spec: docfilter.SortSpec,
+) -> list[str] | None:
+    """Sql.ordered_terms for the first value index made of fields `node` pins with `$eq`
+    followed by `spec`'s fields, or None. A pinned field must hold no array or object in the
+    collection (checked in this read's snapshot, by a seek in an index it leads): an `$eq`
+    also matches array elements, which the index's equality would miss."""
+    sort_paths = tuple(path for path, _ in spec.fields)
+    for fields in indexes:
+        prefix = fields[: len(fields) - len(sort_paths)]
+        if fields[len(prefix) :] != sort_paths or not leading.issuperset(prefix):
+            continue
+        terms = sql.ordered_terms(node, prefix)
+        if terms is not None and not any(_holds_compound(conn, scope, p) for p in prefix):
+            return terms
+    return None
+
+
+def _holds_compound(conn: sqlite3.Connection, scope: str, path: docfilter.Path) -> bool:
+    """Whether some document of the scope holds an array or object at `path` (an index seek:
+    `path` leads a value index)."""
+    found = conn.execute(
+        f"SELECT 1 FROM docs WHERE {scope} AND {rank_sql(path_literal(path))} = {COMPOUND_RANK} "
+        "LIMIT 1"
+    ).fetchone()
+    return found is not None
 
 
 class SqliteDocuments(sqldocuments.SqlDocumentQueries):
@@ -359,6 +408,7 @@ class SqliteDocuments(sqldocuments.SqlDocumentQueries):
             ).fetchone()
             if row is not None:
                 if index_pb.Index.FromString(row[0]) == index:
+                    _build_index(conn, sql_name, ns, collection, index)  # if built differently
                     return False
                 raise AlreadyExists(
                     f"index {index.name!r} exists with another definition",
@@ -371,17 +421,7 @@ class SqliteDocuments(sqldocuments.SqlDocumentQueries):
                 "VALUES (?, ?, ?, ?, ?)",
                 (ns, collection, index.name, index.SerializeToString(), sql_name),
             )
-            if index.kind == index_pb.INDEX_KIND_VALUE:
-                try:
-                    conn.execute(_index_ddl(sql_name, ns, collection, index))
-                except sqlite3.IntegrityError as exc:
-                    raise FailedPrecondition(
-                        f"documents of {collection!r} already hold duplicate values for "
-                        f"unique index {index.name!r}",
-                        reason="DUPLICATE_VALUES",
-                        collection=collection,
-                        index=index.name,
-                    ) from exc
+            _build_index(conn, sql_name, ns, collection, index)
             return True
 
         created = await self.db.write(job)
@@ -427,17 +467,20 @@ class SqliteDocuments(sqldocuments.SqlDocumentQueries):
         return await self.db.read(job)
 
 
-def _indexed_paths(conn: sqlite3.Connection, ns: str, collection: str) -> set[docfilter.Path]:
-    """Leading fields of the collection's non-unique value indexes: a unique index leaves out
-    documents whose indexed values are arrays, which an equality must still find."""
-    paths = set()
+def _value_indexes(
+    conn: sqlite3.Connection, ns: str, collection: str
+) -> list[tuple[docfilter.Path, ...]]:
+    """Field paths of the collection's non-unique value indexes, by name: a unique index leaves
+    out documents whose indexed values are arrays, which an equality must still find."""
+    indexes = []
     for (definition,) in conn.execute(
-        "SELECT definition FROM doc_indexes WHERE ns = ? AND collection = ?", (ns, collection)
+        "SELECT definition FROM doc_indexes WHERE ns = ? AND collection = ? ORDER BY name",
+        (ns, collection),
     ):
         index = index_pb.Index.FromString(definition)
         if index.kind == index_pb.INDEX_KIND_VALUE and not index.unique:
-            paths.add(tuple(index.fields[0].path.split(".")))
-    return paths
+            indexes.append(tuple(tuple(f.path.split(".")) for f in index.fields))
+    return indexes
 
 
 def _fts_phrase(term: str) -> str:
@@ -468,19 +511,47 @@ def _checked_index(requested: index_pb.Index) -> index_pb.Index:
     return index
 
 
+def _build_index(
+    conn: sqlite3.Connection, sql_name: str, ns: str, collection: str, index: index_pb.Index
+) -> None:
+    """Build a value index's SQLite index, or rebuild it when an older plugin built it with
+    other columns (so an upgraded file gets the current layout when its owner, at start,
+    creates its indexes again)."""
+    if index.kind != index_pb.INDEX_KIND_VALUE:
+        return
+    ddl = _index_ddl(sql_name, ns, collection, index)
+    built = conn.execute(
+        "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?", (sql_name,)
+    ).fetchone()
+    if built is not None and built[0] == ddl:
+        return
+    conn.execute(f'DROP INDEX IF EXISTS "{sql_name}"')
+    try:
+        conn.execute(ddl)
+    except sqlite3.IntegrityError as exc:
+        raise FailedPrecondition(
+            f"documents of {collection!r} already hold duplicate values for "
+            f"unique index {index.name!r}",
+            reason="DUPLICATE_VALUES",
+            collection=collection,
+            index=index.name,
+        ) from exc
+
+
 def _index_ddl(sql_name: str, ns: str, collection: str, index: index_pb.Index) -> str:
     """CREATE INDEX for a value index. DDL takes no bound parameters, so the namespace,
     collection and JSON paths are quoted literals and the name is a generated identifier.
 
-    Each field contributes (kind, value): kind keeps `true` apart from 1 and "1" from 1 while
-    1 and 1.0 stay equal. A unique index is partial to documents whose indexed values are all
-    scalars, the ones the contract constrains."""
+    Each field contributes its two sort keys (rank, value), as ORDER BY spells them: the rank
+    keeps `true` apart from 1 and "1" from 1 while 1 and 1.0 stay equal. A unique index is
+    partial to documents whose indexed values are all scalars, the ones the contract
+    constrains."""
     columns = ["ns", "collection"]
     scalar_checks = []
     for f in index.fields:
         path = path_literal(tuple(f.path.split(".")))
         order = " DESC" if f.descending else ""
-        columns += [kind_sql(path) + order, value_sql(path) + order]
+        columns += [rank_sql(path) + order, sort_value_sql(path) + order]
         scalar_checks.append(f"json_type(body, {path}) IN {SCALAR_TYPES}")
     where = scope_sql(ns, collection)
     if index.unique:

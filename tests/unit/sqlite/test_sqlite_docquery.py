@@ -1,8 +1,9 @@
 """The SQL translation of the shared filter AST and sort order must agree with the reference
 evaluator (plugins.runtime.docfilter) on every document; checked on random data and filters,
 without indexes and with value indexes that let conditions be answered from an index. Equality
-on an indexed path must be planned as an index search, not a scan. Search over the searched
-values alone must answer what ranking whole bodies answers."""
+on an indexed path must be planned as an index search, not a scan, and a sorted page as a walk of
+an index in order. Search over the searched values alone must answer what ranking whole bodies
+answers."""
 
 from __future__ import annotations
 
@@ -25,7 +26,12 @@ from plugins.runtime import docfilter, docpages, textsearch
 from plugins.runtime.context import CallContext
 from plugins.sqlite import SqlitePlugin
 from plugins.sqlite.document import DOC_COLUMNS, searchable_text, select_statement
-from tests.support.documents import check_filters_and_sort, check_random_aggregate, insert_random
+from tests.support.documents import (
+    check_filters_and_sort,
+    check_random_aggregate,
+    find_ids,
+    insert_random,
+)
 
 
 @pytest.fixture
@@ -61,9 +67,17 @@ async def test_filters_and_sort_agree_with_reference(plugin: SqlitePlugin, index
     await check_filters_and_sort(plugin.documents, bodies, rng, ctx, also=aggregate_agrees)
 
 
-def plan(conn: sqlite3.Connection, flt: dict[str, Any], words: str | None = None) -> list[str]:
+def plan(
+    conn: sqlite3.Connection,
+    flt: dict[str, Any],
+    words: str | None = None,
+    sort: list[tuple[str, bool]] | None = None,
+) -> list[str]:
     node = docfilter.parse_filter(json.dumps(flt))
-    statement, params = select_statement(conn, "ns", "c", node, DOC_COLUMNS, words=words)
+    spec = None if sort is None else docfilter.parse_sort(sort)
+    statement, params = select_statement(
+        conn, "ns", "c", node, DOC_COLUMNS, spec=spec, limit=21, words=words
+    )
     return [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + statement, params)]
 
 
@@ -85,8 +99,8 @@ async def test_equality_on_an_indexed_path_searches_the_index(plugin: SqlitePlug
             {"$and": [{"deleted": False}, {"lineage": {"$in": ["l1", "l2"]}}]},
         ):
             steps = plan(conn, flt)
-            # rows are looked up by rowid from the index: one search for the scalar values (kind
-            # and value columns), one for array values (kind column); nothing scans the table
+            # rows are looked up by rowid from the index: one search for the scalar values (rank
+            # and value columns), one for array values (rank column); nothing scans the table
             assert steps[0] == "SEARCH docs USING INTEGER PRIMARY KEY (rowid=?)", steps
             searches = [s for s in steps if s.startswith("SEARCH docs USING INDEX")]
             kind_search = f"SEARCH docs USING INDEX {sql_name} (ns=? AND collection=? AND <expr>=?"
@@ -112,6 +126,83 @@ async def test_equality_on_an_indexed_path_searches_the_index(plugin: SqlitePlug
         assert not any(s.startswith(("SCAN docs", "SEARCH docs USING INDEX")) for s in steps)
     finally:
         conn.close()
+
+
+async def test_a_sorted_page_walks_an_index_in_order(plugin: SqlitePlugin) -> None:
+    """A filter pinning `latest` by $eq, sorted by name, walks the (latest, name) index in order
+    and stops at the page (no sort of every match), each page in the reference's order, both
+    ways; once some `latest` is an array (which the $eq also matches), it sorts again and still
+    finds that document."""
+    ctx = CallContext(namespace="ns")
+    await create_index(plugin, "by_latest_name", ["latest", "name"], ctx)
+    rng = random.Random(7)
+    names: list[Any] = ["b", "a", "B", "ä", 3, 2.5, True, None, ["x"], {"o": 1}, "a"]
+    bodies: dict[str, Any] = {}
+    for i in range(80):
+        body: dict[str, Any] = {"latest": i % 3 != 0, "n": i}
+        if i % 11:
+            body["name"] = rng.choice(names)
+        bodies[f"d{i:02d}"] = body
+    for doc_id, body in bodies.items():
+        await plugin.documents.insert(
+            basic_pb.InsertRequest(collection="c", id=doc_id, json=json.dumps(body)), ctx
+        )
+    (sql_name,) = await plugin.db.read(
+        lambda c: c.execute("SELECT sql_name FROM doc_indexes").fetchone()
+    )
+
+    async def agrees(flt: dict[str, Any], descending: bool) -> None:
+        spec = docfilter.parse_sort([("name", descending)])
+        node = docfilter.parse_filter(json.dumps(flt))
+        matching = [(spec.key(i, b), i) for i, b in bodies.items() if docfilter.matches(node, b)]
+        expected = [i for _, i in spec.sort(matching)]
+        got = await find_ids(plugin.documents, ctx, json.dumps(flt), [("name", descending)], 7)
+        assert got == expected, (flt, descending)
+
+    flt = {"$and": [{"latest": True}, {"n": {"$ne": 4}}]}
+    conn = sqlite3.connect(plugin.path)
+    try:
+        for descending in (False, True):
+            steps = plan(conn, flt, sort=[("name", descending)])
+            assert steps[0].startswith(f"SEARCH docs USING INDEX {sql_name} "), steps
+            assert "USE TEMP B-TREE FOR ORDER BY" not in steps, steps  # ties by id alone
+            await agrees(flt, descending)
+        bodies["z"] = {"latest": [False, True], "name": "a"}
+        await plugin.documents.insert(
+            basic_pb.InsertRequest(collection="c", id="z", json=json.dumps(bodies["z"])), ctx
+        )
+        assert "USE TEMP B-TREE FOR ORDER BY" in plan(conn, flt, sort=[("name", False)])
+        for descending in (False, True):
+            await agrees(flt, descending)
+    finally:
+        conn.close()
+
+
+async def test_an_index_built_with_older_columns_is_rebuilt(plugin: SqlitePlugin) -> None:
+    """Creating an index again (as its owner does at every start) rebuilds the SQLite index of a
+    file written by an older plugin with the current columns, so its plans apply there too."""
+    ctx = CallContext(namespace="ns")
+    await create_index(plugin, "by_name", ["name"], ctx)
+
+    def indexes(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+        return conn.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND name LIKE 'dx_%'"
+        ).fetchall()
+
+    [(sql_name, current)] = await plugin.db.read(indexes)
+
+    def older(conn: sqlite3.Connection) -> None:
+        conn.execute(f'DROP INDEX "{sql_name}"')
+        conn.execute(f'CREATE INDEX "{sql_name}" ON docs (ns, collection, id)')
+
+    await plugin.db.write(older)
+    assert await plugin.db.read(indexes) != [(sql_name, current)]
+    index = index_pb.Index(name="by_name", fields=[index_pb.IndexField(path="name")])
+    created = await plugin.documents.create_index(
+        index_pb.CreateIndexRequest(collection="c", index=index), ctx
+    )
+    assert not created.created
+    assert await plugin.db.read(indexes) == [(sql_name, current)]
 
 
 async def test_reads_do_not_wait_for_the_writer(plugin: SqlitePlugin) -> None:
