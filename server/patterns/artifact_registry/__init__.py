@@ -33,6 +33,8 @@ INDEXES = {
     "by_lineage": ["lineage"],
     "by_org_latest": ["organization", "is_latest"],
     "by_latest_type": ["is_latest", "type"],
+    # ListArtifacts' default listing (latest versions by name): walked in order, page by page
+    "by_latest_name": ["is_latest", "name"],
     "by_trend": ["stats.trend"],
 }
 
