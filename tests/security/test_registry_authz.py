@@ -898,3 +898,26 @@ async def test_audit_has_every_mutating_and_denied_call(dep: Deployment) -> None
         await eventually(settled, timeout=10, interval=0.2)
     except TimeoutError:
         pytest.fail("\n".join(await matches()), pytrace=False)
+
+
+async def test_purge_counts_only_dependents_the_purger_may_see(dep: Deployment) -> None:
+    """A private artifact of another organization depending on acme's public one neither stops
+    its purge nor shows in the refusal or the answer: to its owner, the dependency went
+    missing, as if it had never existed."""
+    lib = await dep.create(new_artifact(ACME, dep.slug("lib"), PUBLIC))
+    lineage = f"{ACME}/{lib.slug}"
+    hidden = await dep.create(new_artifact(GLOBEX, dep.slug("app"), PRIVATE, deps=(lineage,)))
+    acme_admin = dep.callers["acme-admin"]
+    purged = await dep.ok(acme_admin, "PurgeArtifact", pb.PurgeArtifactRequest(id=lib.id))
+    assert list(purged.dependents) == []
+
+    lib = await dep.create(new_artifact(ACME, dep.slug("lib"), PUBLIC))
+    lineage = f"{ACME}/{lib.slug}"
+    hidden = await dep.create(new_artifact(GLOBEX, dep.slug("app"), PRIVATE, deps=(lineage,)))
+    seen = await dep.create(new_artifact(ACME, dep.slug("app"), PRIVATE, deps=(lineage,)))
+    refused = await dep.call(acme_admin, "PurgeArtifact", pb.PurgeArtifactRequest(id=lib.id))
+    assert refused.outcome == Outcome(grpc.StatusCode.FAILED_PRECONDITION, "HAS_DEPENDENTS")
+    assert refused.error is not None and "1 artifact(s)" in (refused.error.details() or "")
+    assert hidden.id not in (refused.error.details() or "")
+    forced = pb.PurgeArtifactRequest(id=lib.id, force=True)
+    assert list((await dep.ok(acme_admin, "PurgeArtifact", forced)).dependents) == [seen.id]

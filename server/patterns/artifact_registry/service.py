@@ -580,11 +580,15 @@ class ArtifactRegistry:
         return await self._load(stored.id, ctx, include_deleted=True)
 
     async def dependents(self, stored: Stored, ctx: CallContext) -> list[str]:
-        """Ids of live versions whose dependency on this lineage this version satisfies."""
+        """Ids of live versions the caller may see whose dependency on this lineage this version
+        satisfies. Hidden ones are left out, not counted: another organization's private
+        artifact must not show, even as a number (to it, a purge is a dependency gone missing)."""
         version = parse_version(stored.doc["version"])
         result = []
+        filter_: dict[str, Any] = {"dependency_names": stored.doc["lineage"], "deleted": False}
+        scope = listing_scope(current_principal.get())
         async for other in self.store.find_all(
-            ARTIFACTS, {"dependency_names": stored.doc["lineage"], "deleted": False}, ctx
+            ARTIFACTS, filter_ if scope is None else {"$and": [filter_, scope]}, ctx
         ):
             for dep in other.doc["dependencies"]:
                 if dep["name"] == stored.doc["lineage"] and parse_range(dep["constraint"]).matches(
