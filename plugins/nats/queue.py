@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -67,9 +68,12 @@ POLL_SECONDS = 0.25
 # before finishing, the claim lapses after this long and the message is visible again (at least
 # once: it may then be delivered, or found in the dead-letter queue, twice).
 CLAIM_GRACE_NS = 60 * 1_000_000_000
+# How long a lease this instance won keeps hiding its message from this instance's later scans
+# whose state snapshot may predate it (longer than any scan lasts).
+PICK_MEMORY_SECONDS = 30.0
 
 
-def _due(msg: Msg) -> int:
+def _due(msg: Msg | api.RawStreamMsg) -> int:
     """When a scheduled message becomes visible (unix ns; 0 for ordinary ones)."""
     return int((msg.headers or {}).get(DUE, 0))
 
@@ -98,6 +102,28 @@ class _State:
         return cls(int(raw["n"]), int(raw["until"]), str(raw["h"]), revision)
 
 
+class _Picks:
+    """The messages this plugin instance's Dequeues are leasing, or leased since a moment: its
+    concurrent Dequeues step over each other's picks instead of all racing for the first
+    visible message (the KV compare-and-set stays the lock; this only avoids lost races)."""
+
+    def __init__(self) -> None:
+        self._at: dict[tuple[str, int], float] = {}
+
+    def taken_since(self, stream: str, seq: int, since: float) -> bool:
+        return self._at.get((stream, seq), -math.inf) >= since
+
+    def take(self, stream: str, seq: int) -> None:
+        self._at[(stream, seq)] = math.inf
+
+    def done(self, stream: str, seq: int) -> None:
+        now = time.monotonic()
+        self._at[(stream, seq)] = now
+        for pick, at in list(self._at.items()):
+            if at < now - PICK_MEMORY_SECONDS:
+                del self._at[pick]
+
+
 @dataclass
 class _Visible:
     seq: int
@@ -112,6 +138,7 @@ class NatsQueue:
     def __init__(self, conn: NatsConnection) -> None:
         self.conn = conn
         self.jetstreams = JetStreams(conn, KIND)
+        self.picks = _Picks()
 
     # keys and small helpers -------------------------------------------------------------------
 
@@ -148,11 +175,8 @@ class NatsQueue:
 
         async def put() -> _State | None:
             kv = await self._kv()
-            try:
-                if old is None:
-                    revision = await kv.create(key, new.encode())
-                else:
-                    revision = await kv.update(key, new.encode(), last=old.revision)
+            try:  # states are purged, never left as delete markers: absent is revision 0
+                revision = await kv.update(key, new.encode(), last=old.revision if old else 0)
             except nats.js.errors.KeyWrongLastSequenceError:
                 return None
             return _State(new.n, new.until, new.h, revision)
@@ -165,81 +189,92 @@ class NatsQueue:
         await self.jetstreams.purge(ctx, stream, filter=prefix + key)
 
     async def _states(self, ctx: CallContext, queue: str) -> dict[int, _State]:
-        """Every message state of the queue, by sequence."""
+        """Every message state of the queue, by sequence: the bucket's stream lists the queue's
+        state keys (one request), then all of them are read at once (concurrent requests)."""
         stream, prefix = await self.conn.run(ctx, self._kv_stream)
-        subject = prefix + self._state_key(ctx, queue, 0).rsplit(".", 1)[0] + ".*"
-        states: dict[int, _State] = {}
-        position = {"deliver_policy": api.DeliverPolicy.LAST_PER_SUBJECT}
-        async with self.jetstreams.reader(ctx, stream, filter_subject=subject, **position) as (
-            sub,
-            info,
-        ):
-            remaining = info.num_pending or 0
-            while remaining > 0:
-                msgs = await self.jetstreams.fetch(sub, min(BATCH, remaining))
-                if not msgs:
-                    break
-                remaining -= len(msgs)
-                for msg in msgs:
-                    if msg.headers and msg.headers.get("KV-Operation") in ("DEL", "PURGE"):
-                        continue
-                    seq = int(msg.subject.rsplit(".", 1)[1])
-                    states[seq] = _State.decode(msg.data, msg.metadata.sequence.stream)
-        return states
+        keys = self._state_key(ctx, queue, 0).rsplit(".", 1)[0]
+
+        async def subjects() -> dict[str, int]:
+            info = await self.conn.js.stream_info(stream, subjects_filter=f"{prefix}{keys}.*")
+            return info.state.subjects or {}
+
+        seqs = [int(s.rsplit(".", 1)[1]) for s, n in (await self.conn.run(ctx, subjects)).items()]
+        read = [self._get_state(ctx, self._state_key(ctx, queue, seq)) for seq in seqs]
+        states = zip(seqs, await asyncio.gather(*read), strict=True)
+        return {seq: state for seq, state in states if state is not None}
 
     async def _visible(
-        self, ctx: CallContext, queue: str, limit: int, states: dict[int, _State]
+        self, ctx: CallContext, queue: str, limit: int, take: bool = False
     ) -> list[_Visible]:
-        """Up to `limit` visible messages in queue order."""
-        return await self._scan(ctx, queue, limit, states, None)
+        """Up to `limit` visible messages in delivery order (priority descending, then FIFO),
+        after settling expired leases; the states and the priorities present are read at once.
+        Messages this instance picked since then are skipped; `take` picks the ones found."""
+        stream, base = self.jetstreams.names(ctx, queue)
+        since = time.monotonic()
+        states, priorities = await asyncio.gather(
+            self._settle(ctx, queue), self._priorities(ctx, stream, base)
+        )
+        subjects = [f"{base}.{p}" for p in priorities]
+        found = await self._scan(ctx, stream, subjects, limit, states, since=since)
+        for item in found if take else []:
+            self.picks.take(stream, item.seq)
+        return found
 
     async def _scan(
         self,
         ctx: CallContext,
-        queue: str,
+        stream: str,
+        subjects: list[str],
         limit: int,
         states: dict[int, _State],
-        wanted: Callable[[str], bool] | None,
+        wanted: Callable[[str], bool] | None = None,
+        since: float = math.inf,
     ) -> list[_Visible]:
-        """Up to `limit` visible messages: in delivery order (priority descending, then FIFO),
-        or, with `wanted` (a test of the Prism-Origin header), oldest first whatever their
-        priority. Without a filter it fetches no more than it can need: `limit` plus the
-        messages leases hide."""
-        stream, base = self.jetstreams.names(ctx, queue)
+        """Up to `limit` visible messages of `subjects` (each read oldest first, in turn) whose
+        Prism-Origin header passes `wanted`, skipping those this instance picked since `since`.
+        Each message read is one direct get of the next one on its subject; the sequences whose
+        states hide them are stepped over without reading them."""
         now = time.time_ns()
         found: list[_Visible] = []
-        hidden = sum(1 for state in states.values() if state.hides(now))
-        priorities = await self._priorities(ctx, stream, base)
-        # delivery order is by priority; a redrive (filtered by origin) goes by age alone
-        subjects = [f"{base}.{p}" for p in priorities] if wanted is None else [f"{base}.*"]
-        for subject in subjects if priorities else []:
-            position = {"deliver_policy": api.DeliverPolicy.ALL}
-            async with self.jetstreams.reader(ctx, stream, filter_subject=subject, **position) as (
-                sub,
-                reader,
-            ):
-                remaining = reader.num_pending or 0
-                while remaining > 0 and len(found) < limit:
-                    need = BATCH if wanted is not None else limit - len(found) + hidden
-                    msgs = await self.jetstreams.fetch(sub, min(BATCH, remaining, need))
-                    if not msgs:
-                        break
-                    remaining -= len(msgs)
-                    for msg in msgs:
-                        seq = msg.metadata.sequence.stream
-                        state = states.get(seq)
-                        origin = (msg.headers or {}).get(ORIGIN, "")
-                        if state is not None and state.hides(now):
-                            hidden -= 1
-                            continue
-                        if _due(msg) > now or (wanted is not None and not wanted(origin)):
-                            continue
-                        message = basic_pb.Message.FromString(msg.data)
-                        message.delivery_count = state.n if state is not None else 0
-                        found.append(_Visible(seq, message, origin, state))
-                        if len(found) == limit:
-                            return found
+        hidden = {seq for seq, state in states.items() if state.hides(now)}
+
+        def skip(seq: int) -> bool:
+            return seq in hidden or self.picks.taken_since(stream, seq, since)
+
+        for subject in subjects:
+            cursor = 1
+            while len(found) < limit:
+                while skip(cursor):
+                    cursor += 1
+                msg = await self._message(ctx, stream, cursor, next_on=subject)
+                if msg is None:
+                    break
+                seq = cursor = msg.seq or 0
+                cursor += 1
+                origin = (msg.headers or {}).get(ORIGIN, "")
+                if skip(seq) or _due(msg) > now or (wanted is not None and not wanted(origin)):
+                    continue
+                state = states.get(seq)
+                message = basic_pb.Message.FromString(msg.data or b"")
+                message.delivery_count = state.n if state is not None else 0
+                found.append(_Visible(seq, message, origin, state))
         return found
+
+    async def _message(
+        self, ctx: CallContext, stream: str, seq: int, next_on: str | None = None
+    ) -> api.RawStreamMsg | None:
+        """Message `seq` of `stream` or, with `next_on`, the first message on that subject
+        (wildcards allowed) from `seq` on; None when there is none (or no stream)."""
+
+        async def get() -> api.RawStreamMsg | None:
+            try:
+                return await self.conn.js.get_msg(
+                    stream, seq, subject=next_on, next=next_on is not None
+                )
+            except nats.js.errors.NotFoundError:
+                return None
+
+        return await self.conn.run(ctx, get)
 
     async def _priorities(self, ctx: CallContext, stream: str, base: str) -> list[int]:
         """The priorities that have messages in the queue, highest first."""
@@ -327,13 +362,12 @@ class NatsQueue:
         if claimed is None:
             return False
         stream, _ = self.jetstreams.names(ctx, source)
-        if message is None:
-            try:
-                raw = await self.conn.run(ctx, lambda: self.conn.js.get_msg(stream, seq))
-            except nats.js.errors.NotFoundError:  # already gone: nothing to move
+        if message is None or state is None:  # a claim from no state may outlive the message
+            raw = await self._message(ctx, stream, seq)
+            if raw is None:  # already gone: nothing to move
                 await self._drop_state(ctx, key)
                 return False
-            message = basic_pb.Message.FromString(raw.data or b"")
+            message = message or basic_pb.Message.FromString(raw.data or b"")
         message.delivery_count = 0
         message.receipt_handle = ""
         await self._store(ctx, target, message, {ORIGIN: origin} if origin else None)
@@ -382,7 +416,12 @@ class NatsQueue:
         dlq = config[0]
         states = await self._settle(ctx, dlq)
         moved = 0
-        for item in await self._scan(ctx, dlq, limit, states, lambda origin: origin == queue):
+        stream, base = self.jetstreams.names(ctx, dlq)
+        # a redrive takes the oldest first, whatever their priority
+        from_queue = await self._scan(
+            ctx, stream, [f"{base}.*"], limit, states, lambda origin: origin == queue
+        )
+        for item in from_queue:
             if await self._move(ctx, dlq, item.seq, item.state, queue, "", item.message):
                 moved += 1
         return dlq_pb.RedriveDeadLettersResponse(moved=moved)
@@ -481,11 +520,11 @@ class NatsQueue:
     ) -> list[basic_pb.Message]:
         """Lease up to `limit` visible messages, long-polling up to `wait` seconds."""
         give_up = time.monotonic() + wait
+        stream, _ = self.jetstreams.names(ctx, queue)
         async with self._wakeup(ctx, queue, wait) as woken:
             while True:
-                states = await self._settle(ctx, queue)
-                leased: list[basic_pb.Message] = []
-                for item in await self._visible(ctx, queue, limit, states):
+
+                async def lease_one(item: _Visible) -> basic_pb.Message | None:
                     nonce = secrets.token_urlsafe(12)
                     count = (item.state.n if item.state else 0) + 1
                     until = time.time_ns() + int(lease * 1e9)
@@ -494,13 +533,29 @@ class NatsQueue:
                         ctx, key, _State(count, until, nonce, 0), item.state
                     )
                     if won is None:  # a concurrent Dequeue leased it first
-                        continue
+                        return None
+                    # No state is also what an Ack leaves once it deleted the message: one that
+                    # finished between our read of the message and our lease makes it a ghost.
+                    if item.state is None and await self._message(ctx, stream, item.seq) is None:
+                        await self._drop_state(ctx, key)
+                        return None
                     item.message.delivery_count = count
                     item.message.receipt_handle = f"{item.seq}.{nonce}"
-                    leased.append(item.message)
-                left = give_up - time.monotonic()
-                if leased or left <= 0:
+                    return item.message
+
+                visible = await self._visible(ctx, queue, limit, take=True)
+                try:
+                    leased = [m for m in await asyncio.gather(*map(lease_one, visible)) if m]
+                finally:
+                    for item in visible:
+                        self.picks.done(stream, item.seq)
+                if leased:
                     return leased
+                if visible:  # lost every race to a concurrent Dequeue: look again at once
+                    continue
+                left = give_up - time.monotonic()
+                if left <= 0:
+                    return []
                 woken.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(woken.wait(), min(left, POLL_SECONDS))
@@ -533,8 +588,7 @@ class NatsQueue:
     async def peek(self, request: basic_pb.PeekRequest, ctx: CallContext) -> basic_pb.PeekResponse:
         queue = validation.queue_name(request.queue)
         limit = validation.max_messages(request.max_messages)
-        states = await self._settle(ctx, queue)
-        visible = await self._visible(ctx, queue, limit, states)
+        visible = await self._visible(ctx, queue, limit)
         return basic_pb.PeekResponse(messages=[item.message for item in visible])
 
     # leases -----------------------------------------------------------------------------------

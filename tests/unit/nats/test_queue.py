@@ -142,3 +142,31 @@ async def test_a_lapsed_claim_makes_the_message_visible_again(
     await plugin.queue._put_state(ctx, key, fresh, state)
     peeked = (await plugin.queue.peek(basic.PeekRequest(queue="q", max_messages=10), ctx)).messages
     assert [m.payload for m in peeked] == [b"1"]
+
+
+async def test_consumers_of_two_instances_drain_each_message_once(
+    plugin: NatsPlugin, ctx: CallContext, tmp_path: Path
+) -> None:
+    """Dequeue+Ack loops racing in one instance (which step over each other's picks) and in
+    another (which only the compare-and-set keeps apart) take every message exactly once."""
+    ids = await _enqueue(plugin, ctx, 40)
+    other = NatsPlugin(plugin.raw_config, data_dir=tmp_path)
+    await other.start()
+    acked: list[str] = []
+
+    async def consume(instance: NatsPlugin) -> None:
+        while True:
+            got = await instance.queue.dequeue(basic.DequeueRequest(queue="q"), ctx)
+            if not got.messages:
+                return
+            [message] = got.messages
+            handle = message.receipt_handle
+            await instance.queue.ack(basic.AckRequest(queue="q", receipt_handle=handle), ctx)
+            acked.append(message.message_id)
+
+    try:
+        await asyncio.gather(*(consume(p) for p in (plugin, other) for _ in range(4)))
+    finally:
+        await other.close()
+    assert sorted(acked) == sorted(ids)
+    assert await plugin.queue._states(ctx, "q") == {}
