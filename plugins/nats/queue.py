@@ -34,12 +34,13 @@ POLL_SECONDS for lease ends.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import nats.js.errors
@@ -103,24 +104,46 @@ class _State:
 
 
 class _Picks:
-    """The messages this plugin instance's Dequeues are leasing, or leased since a moment: its
-    concurrent Dequeues step over each other's picks instead of all racing for the first
-    visible message (the KV compare-and-set stays the lock; this only avoids lost races)."""
+    """The messages this plugin instance's Dequeues are leasing or leased since a moment, and
+    those it deleted: its concurrent Dequeues step over each other's picks instead of all racing
+    for the first visible message, and over the gaps its Acks left without asking JetStream (the
+    KV compare-and-set stays the lock; this only saves lost races and round trips)."""
 
     def __init__(self) -> None:
-        self._at: dict[tuple[str, int], float] = {}
+        self._at: dict[tuple[str, int], float] = {}  # inf while being leased; deleted: -1
+        self._order: collections.deque[tuple[float, tuple[str, int]]] = collections.deque()
+        self._reading: set[tuple[str, str, int]] = set()
 
-    def taken_since(self, stream: str, seq: int, since: float) -> bool:
-        return self._at.get((stream, seq), -math.inf) >= since
+    def skip(self, stream: str, seq: int, since: float) -> bool:
+        at = self._at.get((stream, seq))
+        return at is not None and (at >= since or at < 0)
+
+    def reading(self, stream: str, subject: str, seq: int) -> bool:
+        return (stream, subject, seq) in self._reading
+
+    @contextlib.contextmanager
+    def read(self, stream: str, subject: str, seq: int, announce: bool) -> Iterator[None]:
+        """While a Dequeue reads the first message of `subject` from `seq` on: the others start
+        behind it (whatever it finds there and can lease, it takes)."""
+        if not announce:
+            yield
+            return
+        self._reading.add((stream, subject, seq))
+        try:
+            yield
+        finally:
+            self._reading.discard((stream, subject, seq))
 
     def take(self, stream: str, seq: int) -> None:
         self._at[(stream, seq)] = math.inf
 
-    def done(self, stream: str, seq: int) -> None:
+    def done(self, stream: str, seq: int, deleted: bool = False) -> None:
         now = time.monotonic()
-        self._at[(stream, seq)] = now
-        for pick, at in list(self._at.items()):
-            if at < now - PICK_MEMORY_SECONDS:
+        self._at[(stream, seq)] = -1.0 if deleted else now
+        self._order.append((now, (stream, seq)))
+        while self._order and self._order[0][0] < now - PICK_MEMORY_SECONDS:
+            at, pick = self._order.popleft()
+            if self._at.get(pick) in (at, -1.0):
                 del self._at[pick]
 
 
@@ -139,6 +162,8 @@ class NatsQueue:
         self.conn = conn
         self.jetstreams = JetStreams(conn, KIND)
         self.picks = _Picks()
+        # live leases this instance wrote, by queue (state key without its sequence) and sequence
+        self._leases: dict[str, dict[int, _State]] = {}
 
     # keys and small helpers -------------------------------------------------------------------
 
@@ -167,6 +192,11 @@ class NatsQueue:
 
         return await self.conn.run(ctx, get)
 
+    def _own(self, key: str) -> tuple[dict[int, _State], int]:
+        """This instance's live leases of the queue of message state `key`, and its sequence."""
+        queue_keys, _, seq = key.rpartition(".")
+        return self._leases.setdefault(queue_keys, {}), int(seq)
+
     async def _put_state(
         self, ctx: CallContext, key: str, new: _State, old: _State | None
     ) -> _State | None:
@@ -181,7 +211,13 @@ class NatsQueue:
                 return None
             return _State(new.n, new.until, new.h, revision)
 
-        return await self.conn.run(ctx, put)
+        written = await self.conn.run(ctx, put)
+        leases, seq = self._own(key)
+        if written is not None and written.h and written.until > 0:
+            leases[seq] = written
+        else:  # not a lease, or what we knew was stale
+            leases.pop(seq, None)
+        return written
 
     async def _drop_state(self, ctx: CallContext, key: str) -> None:
         """Remove a state entirely (no delete marker left behind)."""
@@ -190,7 +226,8 @@ class NatsQueue:
 
     async def _states(self, ctx: CallContext, queue: str) -> dict[int, _State]:
         """Every message state of the queue, by sequence: the bucket's stream lists the queue's
-        state keys (one request), then all of them are read at once (concurrent requests)."""
+        state keys (one request); the live leases this instance wrote are taken as it knows
+        them, the others are read at once (concurrent requests)."""
         stream, prefix = await self.conn.run(ctx, self._kv_stream)
         keys = self._state_key(ctx, queue, 0).rsplit(".", 1)[0]
 
@@ -198,27 +235,30 @@ class NatsQueue:
             info = await self.conn.js.stream_info(stream, subjects_filter=f"{prefix}{keys}.*")
             return info.state.subjects or {}
 
-        seqs = [int(s.rsplit(".", 1)[1]) for s, n in (await self.conn.run(ctx, subjects)).items()]
+        listed = {int(s.rsplit(".", 1)[1]) for s in await self.conn.run(ctx, subjects)}
+        leases = self._leases.setdefault(keys, {})
+        for gone in leases.keys() - listed:
+            del leases[gone]
+        now = time.time_ns()
+        trusted = {seq: state for seq, state in leases.items() if state.until > now}
+        seqs = sorted(listed - trusted.keys())
         read = [self._get_state(ctx, self._state_key(ctx, queue, seq)) for seq in seqs]
         states = zip(seqs, await asyncio.gather(*read), strict=True)
-        return {seq: state for seq, state in states if state is not None}
+        return trusted | {seq: state for seq, state in states if state is not None}
 
     async def _visible(
         self, ctx: CallContext, queue: str, limit: int, take: bool = False
     ) -> list[_Visible]:
         """Up to `limit` visible messages in delivery order (priority descending, then FIFO),
         after settling expired leases; the states and the priorities present are read at once.
-        Messages this instance picked since then are skipped; `take` picks the ones found."""
+        With `take` (a Dequeue), the messages found are picks of this instance."""
         stream, base = self.jetstreams.names(ctx, queue)
         since = time.monotonic()
-        states, priorities = await asyncio.gather(
+        states, (priorities, first) = await asyncio.gather(
             self._settle(ctx, queue), self._priorities(ctx, stream, base)
         )
         subjects = [f"{base}.{p}" for p in priorities]
-        found = await self._scan(ctx, stream, subjects, limit, states, since=since)
-        for item in found if take else []:
-            self.picks.take(stream, item.seq)
-        return found
+        return await self._scan(ctx, stream, subjects, limit, states, None, since, first, take)
 
     async def _scan(
         self,
@@ -229,35 +269,47 @@ class NatsQueue:
         states: dict[int, _State],
         wanted: Callable[[str], bool] | None = None,
         since: float = math.inf,
+        first: int = 1,
+        take: bool = False,
     ) -> list[_Visible]:
         """Up to `limit` visible messages of `subjects` (each read oldest first, in turn) whose
-        Prism-Origin header passes `wanted`, skipping those this instance picked since `since`.
-        Each message read is one direct get of the next one on its subject; the sequences whose
-        states hide them are stepped over without reading them."""
+        Prism-Origin header passes `wanted`, from sequence `first` on. Each message read is one
+        direct get of the next one on its subject; sequences whose states hide them, or that
+        this instance picked since `since`, deleted, or is reading for another Dequeue, are
+        stepped over without a request. With `take`, what it finds are picks (released by
+        `_Picks.done`) and the reads it makes are announced to the others."""
         now = time.time_ns()
         found: list[_Visible] = []
         hidden = {seq for seq, state in states.items() if state.hides(now)}
 
         def skip(seq: int) -> bool:
-            return seq in hidden or self.picks.taken_since(stream, seq, since)
+            return seq in hidden or self.picks.skip(stream, seq, since)
 
-        for subject in subjects:
-            cursor = 1
-            while len(found) < limit:
-                while skip(cursor):
+        try:
+            for subject in subjects:
+                cursor = first
+                while len(found) < limit:
+                    while skip(cursor) or (take and self.picks.reading(stream, subject, cursor)):
+                        cursor += 1
+                    with self.picks.read(stream, subject, cursor, take):
+                        msg = await self._message(ctx, stream, cursor, next_on=subject)
+                    if msg is None:
+                        break
+                    seq = cursor = msg.seq or 0
                     cursor += 1
-                msg = await self._message(ctx, stream, cursor, next_on=subject)
-                if msg is None:
-                    break
-                seq = cursor = msg.seq or 0
-                cursor += 1
-                origin = (msg.headers or {}).get(ORIGIN, "")
-                if skip(seq) or _due(msg) > now or (wanted is not None and not wanted(origin)):
-                    continue
-                state = states.get(seq)
-                message = basic_pb.Message.FromString(msg.data or b"")
-                message.delivery_count = state.n if state is not None else 0
-                found.append(_Visible(seq, message, origin, state))
+                    origin = (msg.headers or {}).get(ORIGIN, "")
+                    if skip(seq) or _due(msg) > now or (wanted and not wanted(origin)):
+                        continue
+                    state = states.get(seq)
+                    message = basic_pb.Message.FromString(msg.data or b"")
+                    message.delivery_count = state.n if state is not None else 0
+                    found.append(_Visible(seq, message, origin, state))
+                    if take:
+                        self.picks.take(stream, seq)
+        except BaseException:
+            for item in found if take else []:
+                self.picks.done(stream, item.seq)
+            raise
         return found
 
     async def _message(
@@ -276,18 +328,23 @@ class NatsQueue:
 
         return await self.conn.run(ctx, get)
 
-    async def _priorities(self, ctx: CallContext, stream: str, base: str) -> list[int]:
-        """The priorities that have messages in the queue, highest first."""
+    async def _priorities(self, ctx: CallContext, stream: str, base: str) -> tuple[list[int], int]:
+        """The priorities that have messages in the queue, highest first, and the sequence of
+        its oldest message."""
 
-        async def subjects() -> dict[str, int]:
+        async def state() -> api.StreamState | None:
             try:
                 info = await self.conn.js.stream_info(stream, subjects_filter=f"{base}.*")
             except nats.js.errors.NotFoundError:
-                return {}
-            return info.state.subjects or {}
+                return None
+            return info.state
 
-        counts = await self.conn.run(ctx, subjects)
-        return sorted((int(s.rsplit(".", 1)[1]) for s, n in counts.items() if n), reverse=True)
+        found = await self.conn.run(ctx, state)
+        if found is None:
+            return [], 1
+        counts = found.subjects or {}
+        present = (int(s.rsplit(".", 1)[1]) for s, n in counts.items() if n)
+        return sorted(present, reverse=True), max(found.first_seq, 1)
 
     async def _store(
         self,
@@ -378,6 +435,7 @@ class NatsQueue:
     async def _delete_message(self, ctx: CallContext, stream: str, seq: int) -> None:
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await self.conn.run(ctx, lambda: self.conn.js.delete_msg(stream, seq))
+        self.picks.done(stream, seq, deleted=True)
 
     async def _settle(self, ctx: CallContext, queue: str) -> dict[int, _State]:
         """The queue's states, after ending the leases that expired: dead-lettered when they
@@ -601,7 +659,10 @@ class NatsQueue:
         seq_text, _, nonce = handle.partition(".")
         if seq_text.isdigit() and nonce:
             key = self._state_key(ctx, queue, int(seq_text))
-            state = await self._get_state(ctx, key)
+            leases, seq = self._own(key)
+            state = leases.get(seq)
+            if state is None or state.h != nonce:  # not ours as far as we know: ask
+                state = await self._get_state(ctx, key)
             if state is not None and state.h == nonce and state.until > time.time_ns():
                 return int(seq_text), key, state
         raise receipt_not_found(queue)
