@@ -25,10 +25,18 @@ with JetStream as the only store and compare-and-set as the only lock:
   until then; its place is where it was appended, as the contract wants. GetScheduledCount reads
   the queue's headers (headers-only consumer), so it costs one pass over the queue.
 
-Dequeue and Peek read the states of the queue's leases and the queue's messages in order (two
-ephemeral JetStream readers), so each costs a few round trips plus the number of leased
-messages. A long poll wakes on the queue's subject (enqueues are published there) or every
-POLL_SECONDS for lease ends.
+Dequeue and Peek cost a handful of requests whatever the queue's length: two stream infos at
+once (the state keys of the queue's leases, the priorities present and the first sequence), a
+concurrent read of the states this instance did not write itself (it trusts the live leases it
+wrote; a compare-and-set still decides every change, but a lease another instance released
+or shortened stays hidden from this one until the end it wrote), then a direct "next message on this
+subject from sequence N" get per message read, stepping over the sequences leases hide without
+asking. A Dequeue leasing a message that had no state reads it once more after winning (an Ack
+that finished in between leaves no state either). Concurrent Dequeues of one instance do not all
+race for the first visible message: each starts behind the reads and picks of the others and
+over the messages the instance deleted (a race with another instance is lost at the
+compare-and-set and the Dequeue looks again). A long poll wakes on the queue's subject (enqueues
+are published there) or every POLL_SECONDS for lease ends.
 """
 
 from __future__ import annotations
