@@ -28,15 +28,15 @@ with JetStream as the only store and compare-and-set as the only lock:
 Dequeue and Peek cost a handful of requests whatever the queue's length: two stream infos at
 once (the state keys of the queue's leases, the priorities present and the first sequence), a
 concurrent read of the states this instance did not write itself (it trusts the live leases it
-wrote; a compare-and-set still decides every change, but a lease another instance released
-or shortened stays hidden from this one until the end it wrote), then a direct "next message on this
-subject from sequence N" get per message read, stepping over the sequences leases hide without
-asking. A Dequeue leasing a message that had no state reads it once more after winning (an Ack
-that finished in between leaves no state either). Concurrent Dequeues of one instance do not all
-race for the first visible message: each starts behind the reads and picks of the others and
-over the messages the instance deleted (a race with another instance is lost at the
-compare-and-set and the Dequeue looks again). A long poll wakes on the queue's subject (enqueues
-are published there) or every POLL_SECONDS for lease ends.
+wrote; a compare-and-set still decides every change, but a lease another instance released or
+shortened stays hidden from this one until the end it wrote), then a direct "next message on
+this subject from sequence N" get per message read, stepping over the sequences leases hide
+without asking. A Dequeue leasing a message that had no state reads it once more after winning
+(an Ack that finished in between leaves no state either). Concurrent Dequeues of one instance
+do not all race for the first visible message: each starts behind the reads and picks of the
+others (a race with another instance is lost at the compare-and-set and the Dequeue looks
+again). A long poll wakes on the queue's subject (enqueues are published there) or every
+POLL_SECONDS for lease ends.
 """
 
 from __future__ import annotations
@@ -112,19 +112,17 @@ class _State:
 
 
 class _Picks:
-    """The messages this plugin instance's Dequeues are leasing or leased since a moment, and
-    those it deleted: its concurrent Dequeues step over each other's picks instead of all racing
-    for the first visible message, and over the gaps its Acks left without asking JetStream (the
-    KV compare-and-set stays the lock; this only saves lost races and round trips)."""
+    """The messages this plugin instance's Dequeues are leasing, or leased since a moment: its
+    concurrent Dequeues step over each other's picks instead of all racing for the first
+    visible message (the KV compare-and-set stays the lock; this only saves lost races)."""
 
     def __init__(self) -> None:
-        self._at: dict[tuple[str, int], float] = {}  # inf while being leased; deleted: -1
+        self._at: dict[tuple[str, int], float] = {}  # inf while being leased
         self._order: collections.deque[tuple[float, tuple[str, int]]] = collections.deque()
         self._reading: set[tuple[str, str, int]] = set()
 
     def skip(self, stream: str, seq: int, since: float) -> bool:
-        at = self._at.get((stream, seq))
-        return at is not None and (at >= since or at < 0)
+        return self._at.get((stream, seq), -math.inf) >= since
 
     def reading(self, stream: str, subject: str, seq: int) -> bool:
         return (stream, subject, seq) in self._reading
@@ -145,13 +143,13 @@ class _Picks:
     def take(self, stream: str, seq: int) -> None:
         self._at[(stream, seq)] = math.inf
 
-    def done(self, stream: str, seq: int, deleted: bool = False) -> None:
+    def done(self, stream: str, seq: int) -> None:
         now = time.monotonic()
-        self._at[(stream, seq)] = -1.0 if deleted else now
+        self._at[(stream, seq)] = now
         self._order.append((now, (stream, seq)))
         while self._order and self._order[0][0] < now - PICK_MEMORY_SECONDS:
             at, pick = self._order.popleft()
-            if self._at.get(pick) in (at, -1.0):
+            if self._at.get(pick) == at:
                 del self._at[pick]
 
 
@@ -283,8 +281,8 @@ class NatsQueue:
         """Up to `limit` visible messages of `subjects` (each read oldest first, in turn) whose
         Prism-Origin header passes `wanted`, from sequence `first` on. Each message read is one
         direct get of the next one on its subject; sequences whose states hide them, or that
-        this instance picked since `since`, deleted, or is reading for another Dequeue, are
-        stepped over without a request. With `take`, what it finds are picks (released by
+        this instance picked since `since` or is reading for another Dequeue, are stepped over
+        without a request. With `take`, what it finds are picks (released by
         `_Picks.done`) and the reads it makes are announced to the others."""
         now = time.time_ns()
         found: list[_Visible] = []
@@ -443,7 +441,6 @@ class NatsQueue:
     async def _delete_message(self, ctx: CallContext, stream: str, seq: int) -> None:
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await self.conn.run(ctx, lambda: self.conn.js.delete_msg(stream, seq))
-        self.picks.done(stream, seq, deleted=True)
 
     async def _settle(self, ctx: CallContext, queue: str) -> dict[int, _State]:
         """The queue's states, after ending the leases that expired: dead-lettered when they
