@@ -153,12 +153,21 @@ class _Picks:
                 del self._at[pick]
 
 
+class _States(dict[int, _State]):
+    """A queue's states by sequence, and the last sequence of the bucket's stream when they
+    were listed: a state written right after that one (revision listed_at + 1) proves that no
+    other state of the bucket changed since."""
+
+    listed_at = 0
+
+
 @dataclass
 class _Visible:
     seq: int
     message: basic_pb.Message
     origin: str
     state: _State | None
+    listed_at: int
 
 
 class NatsQueue:
@@ -230,18 +239,19 @@ class NatsQueue:
         stream, prefix = await self.conn.run(ctx, self._kv_stream)
         await self.jetstreams.purge(ctx, stream, filter=prefix + key)
 
-    async def _states(self, ctx: CallContext, queue: str) -> dict[int, _State]:
+    async def _states(self, ctx: CallContext, queue: str) -> _States:
         """Every message state of the queue, by sequence: the bucket's stream lists the queue's
         state keys (one request); the live leases this instance wrote are taken as it knows
         them, the others are read at once (concurrent requests)."""
         stream, prefix = await self.conn.run(ctx, self._kv_stream)
         keys = self._state_key(ctx, queue, 0).rsplit(".", 1)[0]
 
-        async def subjects() -> dict[str, int]:
+        async def bucket() -> api.StreamState:
             info = await self.conn.js.stream_info(stream, subjects_filter=f"{prefix}{keys}.*")
-            return info.state.subjects or {}
+            return info.state
 
-        listed = {int(s.rsplit(".", 1)[1]) for s in await self.conn.run(ctx, subjects)}
+        listing = await self.conn.run(ctx, bucket)
+        listed = {int(s.rsplit(".", 1)[1]) for s in listing.subjects or {}}
         leases = self._leases.setdefault(keys, {})
         for gone in leases.keys() - listed:
             del leases[gone]
@@ -249,8 +259,10 @@ class NatsQueue:
         trusted = {seq: state for seq, state in leases.items() if state.until > now}
         seqs = sorted(listed - trusted.keys())
         read = [self._get_state(ctx, self._state_key(ctx, queue, seq)) for seq in seqs]
-        states = zip(seqs, await asyncio.gather(*read), strict=True)
-        return trusted | {seq: state for seq, state in states if state is not None}
+        found = zip(seqs, await asyncio.gather(*read), strict=True)
+        states = _States(trusted | {seq: state for seq, state in found if state is not None})
+        states.listed_at = listing.last_seq
+        return states
 
     async def _visible(
         self, ctx: CallContext, queue: str, limit: int, take: bool = False
@@ -272,7 +284,7 @@ class NatsQueue:
         stream: str,
         subjects: list[str],
         limit: int,
-        states: dict[int, _State],
+        states: _States,
         wanted: Callable[[str], bool] | None = None,
         since: float = math.inf,
         first: int = 1,
@@ -309,7 +321,7 @@ class NatsQueue:
                     state = states.get(seq)
                     message = basic_pb.Message.FromString(msg.data or b"")
                     message.delivery_count = state.n if state is not None else 0
-                    found.append(_Visible(seq, message, origin, state))
+                    found.append(_Visible(seq, message, origin, state, states.listed_at))
                     if take:
                         self.picks.take(stream, seq)
         except BaseException:
@@ -442,7 +454,7 @@ class NatsQueue:
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await self.conn.run(ctx, lambda: self.conn.js.delete_msg(stream, seq))
 
-    async def _settle(self, ctx: CallContext, queue: str) -> dict[int, _State]:
+    async def _settle(self, ctx: CallContext, queue: str) -> _States:
         """The queue's states, after ending the leases that expired: dead-lettered when they
         used up max_deliveries, visible again otherwise."""
         states = await self._states(ctx, queue)
@@ -599,7 +611,14 @@ class NatsQueue:
                         return None
                     # No state is also what an Ack leaves once it deleted the message: one that
                     # finished between our read of the message and our lease makes it a ghost.
-                    if item.state is None and await self._message(ctx, stream, item.seq) is None:
+                    # It wrote the bucket (lease, claim), so a lease written right after the
+                    # states were listed needs no check.
+                    changed = won.revision != item.listed_at + 1
+                    if (
+                        item.state is None
+                        and changed
+                        and await self._message(ctx, stream, item.seq) is None
+                    ):
                         await self._drop_state(ctx, key)
                         return None
                     item.message.delivery_count = count
