@@ -209,7 +209,8 @@ class NatsConnection:
         """Run `operation` bounded by the call's deadline; connection trouble → Unavailable."""
         self.ensure_connected()
         try:
-            return await asyncio.wait_for(operation(), self.timeout(ctx))
+            async with asyncio.timeout(self.timeout(ctx)):  # no task per request
+                return await operation()
         except CONNECTION_ERRORS as exc:
             raise Unavailable(f"NATS did not answer: {exc!r}") from exc
         except nats.errors.MaxPayloadError as exc:
