@@ -46,6 +46,18 @@ async def test_concurrent_dequeues_never_share_a_message(
     assert sorted(leased + [m.message_id for m in rest.messages]) == sorted(ids)
 
 
+async def test_concurrent_dequeues_each_get_a_message_while_there_are_enough(
+    plugin: NatsPlugin, ctx: CallContext
+) -> None:
+    """Dequeues of one instance racing for the head of the queue hand over to each other
+    instead of losing the race and answering empty."""
+    ids = await _enqueue(plugin, ctx, 12)
+    replies = await asyncio.gather(
+        *(plugin.queue.dequeue(basic.DequeueRequest(queue="q"), ctx) for _ in range(12))
+    )
+    assert sorted(m.message_id for r in replies for m in r.messages) == sorted(ids)
+
+
 async def test_ack_leaves_no_state_behind(plugin: NatsPlugin, ctx: CallContext) -> None:
     await _enqueue(plugin, ctx, 3)
     got = await plugin.queue.dequeue(basic.DequeueRequest(queue="q", max_messages=3), ctx)
