@@ -77,7 +77,7 @@ async def measure_queue(
 
 
 async def enqueue_then_consume(
-    stub: qb_grpc.QueueBasicServiceStub, backend: str, queue: str, conc: int, seconds: float
+    stub: Any, backend: str, queue: str, conc: int, seconds: float
 ) -> list[Result]:
     """Fill `queue` for `seconds`, then drain what was enqueued (or stop after `seconds`)."""
     enqueued = 0
