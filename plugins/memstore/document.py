@@ -18,8 +18,8 @@ from prism.interfaces.document.v1 import document_search_pb2 as search
 
 from plugins.runtime import docfilter, docindex, docpages, validation
 from plugins.runtime.context import CallContext
+from plugins.runtime.docerrors import not_found, revision_mismatch, unique_violation
 from plugins.runtime.errors import (
-    Aborted,
     AlreadyExists,
     FailedPrecondition,
     NotFound,
@@ -72,13 +72,7 @@ class _Collection:
             key = docfilter.unique_key(body, index.spec.paths)
             owner = None if key is None else index.owners.get(key)
             if owner is not None and owner != doc_id:
-                raise AlreadyExists(
-                    f"unique index {index.spec.name!r} already holds this value",
-                    reason="UNIQUE_VIOLATION",
-                    index=index.spec.name,
-                    collection=collection,
-                    id=doc_id,
-                )
+                raise unique_violation(collection, doc_id, index.spec.name)
 
     def store(self, doc_id: str, doc: _Doc) -> None:
         """Put a document whose uniqueness was already checked, keeping unique indexes current."""
@@ -102,25 +96,6 @@ class _Collection:
 def _serialise(body: dict[str, Any]) -> str:
     # ensure_ascii: a lone surrogate escape in the input stays an escape, never invalid UTF-8
     return json.dumps(body, separators=(",", ":"))
-
-
-def _mismatch(collection: str, doc_id: str, current: int) -> Aborted:
-    return Aborted(
-        f"document {doc_id!r} has revision {current}",
-        reason="REVISION_MISMATCH",
-        current_revision=current,
-        collection=collection,
-        id=doc_id,
-    )
-
-
-def _not_found(collection: str, doc_id: str) -> NotFound:
-    return NotFound(
-        f"document {doc_id!r} not found in {collection!r}",
-        reason="DOCUMENT_NOT_FOUND",
-        collection=collection,
-        id=doc_id,
-    )
 
 
 class MemstoreDocuments:
@@ -163,7 +138,7 @@ class MemstoreDocuments:
         doc_id = validation.document_id(request.id)
         doc = coll.docs.get(doc_id)
         if doc is None:
-            raise _not_found(request.collection, doc_id)
+            raise not_found(request.collection, doc_id)
         return basic.GetResponse(document=doc.proto(doc_id))
 
     async def update(self, request: basic.UpdateRequest, ctx: CallContext) -> basic.UpdateResponse:
@@ -173,9 +148,9 @@ class MemstoreDocuments:
         old = coll.docs.get(doc_id)
         current = 0 if old is None else old.revision
         if request.expected_revision and request.expected_revision != current:
-            raise _mismatch(request.collection, doc_id, current)
+            raise revision_mismatch(request.collection, doc_id, request.expected_revision, current)
         if old is None and not request.allow_missing:
-            raise _not_found(request.collection, doc_id)
+            raise not_found(request.collection, doc_id)
         coll.check_unique(doc_id, body, request.collection)
         now = time.time_ns()
         doc = _Doc(
@@ -194,7 +169,7 @@ class MemstoreDocuments:
         old = coll.docs.get(doc_id)
         current = 0 if old is None else old.revision
         if request.expected_revision and request.expected_revision != current:
-            raise _mismatch(request.collection, doc_id, current)
+            raise revision_mismatch(request.collection, doc_id, request.expected_revision, current)
         if old is None:
             return basic.DeleteResponse(deleted=False)
         coll.unindex(doc_id)

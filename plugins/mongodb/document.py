@@ -36,8 +36,8 @@ from plugins.mongodb import docquery
 from plugins.mongodb.connection import Doc, Mongo
 from plugins.runtime import docfilter, docindex, docpages, textsearch, validation
 from plugins.runtime.context import CallContext
+from plugins.runtime.docerrors import not_found, revision_mismatch, unique_violation
 from plugins.runtime.errors import (
-    Aborted,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -97,39 +97,13 @@ def to_document(doc: Doc) -> basic.Document:
     return d
 
 
-def _not_found(collection: str, doc_id: str) -> NotFound:
-    return NotFound(
-        f"document {doc_id!r} not found in {collection!r}",
-        reason="DOCUMENT_NOT_FOUND",
-        collection=collection,
-        id=doc_id,
-    )
-
-
-def _mismatch(collection: str, doc_id: str, current: int) -> Aborted:
-    return Aborted(
-        f"document {doc_id!r} has revision {current}",
-        reason="REVISION_MISMATCH",
-        current_revision=current,
-        collection=collection,
-        id=doc_id,
-    )
-
-
 def _duplicate_index(exc: DuplicateKeyError) -> str:
     found = _DUP_INDEX.search(str((exc.details or {}).get("errmsg", exc)))
     return found.group(1) if found else ""
 
 
 def _unique_violation(exc: DuplicateKeyError, collection: str, doc_id: str) -> AlreadyExists:
-    index = _duplicate_index(exc)
-    return AlreadyExists(
-        f"unique index {index!r} already holds this value",
-        reason="UNIQUE_VIOLATION",
-        index=index,
-        collection=collection,
-        id=doc_id,
-    )
+    return unique_violation(collection, doc_id, _duplicate_index(exc))
 
 
 def _index_proto(spec: Doc) -> indexing.Index:
@@ -216,7 +190,7 @@ class MongoDocuments:
         async with self.mongo.call(ctx):
             doc = await coll.find_one({"_id": doc_id})
         if doc is None:
-            raise _not_found(request.collection, doc_id)
+            raise not_found(request.collection, doc_id)
         return basic.GetResponse(document=to_document(doc))
 
     async def _revision(self, coll: AsyncCollection[Doc], ctx: CallContext, doc_id: str) -> int:
@@ -252,8 +226,13 @@ class MongoDocuments:
                 raise _unique_violation(exc, request.collection, doc_id) from exc
         if doc is None:
             if request.expected_revision:
-                raise _mismatch(request.collection, doc_id, await self._revision(coll, ctx, doc_id))
-            raise _not_found(request.collection, doc_id)
+                raise revision_mismatch(
+                    request.collection,
+                    doc_id,
+                    request.expected_revision,
+                    await self._revision(coll, ctx, doc_id),
+                )
+            raise not_found(request.collection, doc_id)
         # revision 1 exists only right after creation, so r == 1 means this write created it
         return basic.UpdateResponse(document=to_document(doc), created=upsert and doc["r"] == 1)
 
@@ -266,7 +245,12 @@ class MongoDocuments:
         async with self.mongo.call(ctx):
             result = await coll.delete_one(selector)
         if result.deleted_count == 0 and request.expected_revision:
-            raise _mismatch(request.collection, doc_id, await self._revision(coll, ctx, doc_id))
+            raise revision_mismatch(
+                request.collection,
+                doc_id,
+                request.expected_revision,
+                await self._revision(coll, ctx, doc_id),
+            )
         return basic.DeleteResponse(deleted=result.deleted_count > 0)
 
     # document_query -----------------------------------------------------------------------

@@ -28,8 +28,9 @@ from plugins.postgres.db import Conn, Database
 from plugins.postgres.docquery import Sql
 from plugins.runtime import docfilter, docindex, sqldocuments, textsearch, validation
 from plugins.runtime.context import CallContext
+from plugins.runtime.docerrors import not_found, revision_mismatch, unique_violation
 from plugins.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from plugins.runtime.sqldocuments import Groups, Row, not_found, revision_mismatch, unique_violation
+from plugins.runtime.sqldocuments import Groups, Row
 
 DOC_COLUMNS = "id, body::text, revision, create_time, update_time"
 

@@ -22,39 +22,9 @@ from prism.interfaces.document.v1 import document_search_pb2 as search_pb
 
 from plugins.runtime import docfilter, docpages, textsearch, validation
 from plugins.runtime.context import CallContext
-from plugins.runtime.errors import Aborted, AlreadyExists, NotFound
 
 Row = tuple[Any, ...]
 Groups = list[tuple[docfilter.Group, list[str]]]
-
-
-def not_found(collection: str, doc_id: str) -> NotFound:
-    return NotFound(
-        f"document {doc_id!r} not found in {collection!r}",
-        reason="DOCUMENT_NOT_FOUND",
-        collection=collection,
-        id=doc_id,
-    )
-
-
-def revision_mismatch(collection: str, doc_id: str, expected: int, current: int) -> Aborted:
-    return Aborted(
-        f"revision of document {doc_id!r} is {current}, not {expected}",
-        reason="REVISION_MISMATCH",
-        collection=collection,
-        id=doc_id,
-        current_revision=current,
-    )
-
-
-def unique_violation(collection: str, doc_id: str, index: str) -> AlreadyExists:
-    return AlreadyExists(
-        f"document {doc_id!r} duplicates another document under unique index {index!r}",
-        reason="UNIQUE_VIOLATION",
-        collection=collection,
-        id=doc_id,
-        index=index,
-    )
 
 
 class SqlDocumentQueries(ABC):

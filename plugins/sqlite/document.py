@@ -30,8 +30,9 @@ from prism.interfaces.document.v1 import document_query_pb2 as query_pb
 
 from plugins.runtime import docfilter, docindex, sqldocuments, validation
 from plugins.runtime.context import CallContext
+from plugins.runtime.docerrors import not_found, revision_mismatch, unique_violation
 from plugins.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from plugins.runtime.sqldocuments import Groups, Row, not_found, revision_mismatch, unique_violation
+from plugins.runtime.sqldocuments import Groups, Row
 from plugins.sqlite.db import Database
 from plugins.sqlite.docquery import (
     COMPOUND_RANK,
