@@ -23,8 +23,9 @@ from server.crypto import Keyring
 class BoundNamespace:
     """What an executor gets: the namespace's filled slots as contract objects. An executor that
     starts background work appends its cleanup to `on_close`; the server awaits each on stop,
-    before closing the plugins the slots use. `keyring` encrypts data at rest (None when the
-    server has none; a pattern that needs one refuses to start)."""
+    before closing the plugins the slots use. `keyring` encrypts data at rest: the configured
+    one, else the data directory's (`Keyring.beside_data`, which the secret vault refuses); None
+    only where a server is assembled without create_server."""
 
     name: str
     pattern: PatternSpec
